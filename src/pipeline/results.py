@@ -1,0 +1,110 @@
+"""Per-run results: ``results.json`` and the end-of-run table.
+
+Every stage returns metrics with a ``summary`` dict of headline scalars named ``split/metric``
+(``train/seed_miou``, ``train/mask_miou``, ``val/miou``...); the table shows them per round, and with
+CONTA the deltas against round 0.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.pipeline.artifacts import Artifact
+from src.utils.io import write_json_atomic
+
+# (column title, stage, summary key) of the end-of-run table, in order; absent ones are skipped.
+TABLE_COLUMNS = (
+    ("cls mAP", "classification", "val/map"),
+    ("seed mIoU", "seeds", "train/seed_miou"),
+    ("seed best", "seeds", "train/seed_best_miou"),
+    ("best thr", "seeds", "train/seed_best_threshold"),
+    ("mask mIoU", "pseudo_masks", "train/mask_miou"),
+    ("seg val", "segmentation", "val/miou"),
+    ("seg val_deconf", "segmentation", "val_deconfounded/miou"),
+)
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if "threshold" in key:
+        return f"{value:.2f}"
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) else str(value)
+
+
+class RunResults:
+    def __init__(self, cfg: DictConfig, run_dir: Path, data: Any = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.rounds: dict[int, dict[str, Any]] = {}
+
+    def record(self, round_index: int, stage: str, artifact: Artifact, seconds: float) -> None:
+        entry = self.rounds.setdefault(round_index, {"round": round_index, "stages": {}, "timings_s": {}})
+        entry["stages"][stage] = {
+            "metrics": artifact.metrics,
+            "artifact": str(artifact.path),
+            "fingerprint": artifact.fingerprint,
+            "reused": artifact.reused,
+        }
+        entry["timings_s"][stage] = {"this_run": round(seconds, 2),
+                                     "computed": artifact.manifest.get("duration_s")}
+
+    def summary(self, round_index: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for stage, info in self.rounds.get(round_index, {}).get("stages", {}).items():
+            for key, value in (info["metrics"].get("summary") or {}).items():
+                out[f"{stage}/{key}"] = value
+        return out
+
+    def deltas(self) -> dict[int, dict[str, float]]:
+        """Each round's headline numbers minus round 0's."""
+        base = self.summary(0)
+        out = {}
+        for r in sorted(self.rounds):
+            if r == 0:
+                continue
+            cur = self.summary(r)
+            out[r] = {k: cur[k] - base[k] for k in cur
+                      if k in base and isinstance(cur[k], (int, float)) and isinstance(base[k], (int, float))
+                      and "threshold" not in k}
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "baseline": OmegaConf.select(cfg, "baseline.name"),
+            "conta": OmegaConf.select(cfg, "conta.name", default="off"),
+            "profile": OmegaConf.select(cfg, "profile.name"),
+            "data": OmegaConf.select(cfg, "data.name"),
+            "seed": OmegaConf.select(cfg, "seed"),
+            "rounds": [dict(self.rounds[r], summary=self.summary(r)) for r in sorted(self.rounds)],
+            "deltas_vs_round0": {str(k): v for k, v in self.deltas().items()},
+            "total_time_s": round(sum(t["this_run"] for e in self.rounds.values()
+                                      for t in e["timings_s"].values()), 2),
+        }
+
+    def write(self) -> Path:
+        path = self.run_dir / "results.json"
+        write_json_atomic(path, self.as_dict())
+        return path
+
+    def table(self) -> str:
+        """Plain-text table: one row per round, then delta rows against round 0."""
+        columns = [c for c in TABLE_COLUMNS
+                   if any(f"{c[1]}/{c[2]}" in self.summary(r) for r in self.rounds)]
+        header = ["round", *[c[0] for c in columns]]
+        rows = []
+        for r in sorted(self.rounds):
+            s = self.summary(r)
+            rows.append([str(r), *[_fmt(s.get(f"{c[1]}/{c[2]}"), c[2]) for c in columns]])
+        for r, d in self.deltas().items():
+            rows.append([f"{r} vs 0", *[
+                "-" if f"{c[1]}/{c[2]}" not in d else f"{100 * d[f'{c[1]}/{c[2]}']:+.1f}" for c in columns]])
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
+                 "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+        return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""Small helpers over torch.distributed that also work when no process group exists.
+
+The pipeline runs in every process of a multi-process job (as a Lightning script does); these helpers
+keep decisions (reuse a stage or not) identical on all ranks and reduce sums across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+T = TypeVar("T")
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_rank() -> int:
+    """Rank from the process group, or from the launcher's environment before the group exists."""
+    if is_dist():
+        return dist.get_rank()
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_rank_zero() -> bool:
+    return global_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s value of ``obj`` on every rank (identity without a process group)."""
+    if not is_dist():
+        return obj
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks (in place; returned for chaining). Works for gloo and nccl."""
+    if not is_dist():
+        return tensor
+    backend = dist.get_backend()
+    if backend == "nccl" and not tensor.is_cuda:
+        moved = tensor.cuda()
+        dist.all_reduce(moved)
+        tensor.copy_(moved.cpu())
+        return tensor
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj: T) -> list[T]:
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
