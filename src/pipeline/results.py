@@ -88,7 +88,7 @@ class RunResults:
 
     def write(self) -> Path:
         path = self.run_dir / "results.json"
-        write_json_atomic(path, self.as_dict())
+        write_json_atomic(path, self.as_dict(), sort_keys=False)
         return path
 
     def table(self) -> str:

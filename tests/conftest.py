@@ -1,0 +1,91 @@
+"""Shared fixtures: compose the real config (conf/), shrink it for CPU tests, write to tmp_path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import src  # noqa: F401  (registers the config resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+
+# A synthetic set and schedules small enough for a few seconds per stage on one CPU core.
+TINY = [
+    "data.layout.spec.num_train=16",
+    "data.layout.spec.num_val=6",
+    "data.layout.spec.num_val_deconfounded=6",
+    "data.layout.spec.image_size=48",
+    "profile.cam.epochs=1",
+    "profile.cam.batch_size=8",
+    "profile.cam.crop=48",
+    "profile.cam.long_side=[40,56]",
+    "profile.irn.epochs=1",
+    "profile.irn.batch_size=8",
+    "profile.irn.crop=48",
+    "profile.deeplab.epochs=1",
+    "profile.deeplab.batch_size=8",
+    "profile.deeplab.crop=48",
+    "print_config=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors run faster on one thread, and parallel test processes do not fight over cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _teardown_process_group():
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def compose_config(overrides: Sequence[str], tmp_path: Path) -> DictConfig:
+    """The real composed config with test paths (cache and outputs under tmp_path)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.weights_dir = str(tmp_path / "weights")
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, tiny: bool = True) -> DictConfig:
+        return compose_config([*(TINY if tiny else []), *overrides], tmp_path)
+
+    return make
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason (a user's clone has no shared folder)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: this test needs the team's shared folder next to the checkout")
+    return path
+
+
+def env_without_gpu() -> dict[str, str]:
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
