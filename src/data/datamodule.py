@@ -58,8 +58,9 @@ class WSSSDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = TrainShardSampler(len(self.train_set), self.seed, rank, world)
         batch = self.per_device_batch()
+        sampler = TrainShardSampler(len(self.train_set), self.seed, rank, world, global_batch=batch * world,
+                                    drop_last=self.drop_last)
         if len(sampler) < batch and self.drop_last:
             raise ValueError(
                 f"the training split has {len(self.train_set)} images, fewer than one batch of {self.batch_size}: "

@@ -52,7 +52,7 @@ WATER_COLORS = ((20, 60, 160), (70, 140, 230))
 
 @dataclass
 class SyntheticSpec:
-    """Generative rules of the synthetic set (all fields are config: ``data.synthetic.*``)."""
+    """Generative rules of the synthetic set (all fields are config: ``data.layout.spec.*``)."""
 
     seed: int = 0
     image_size: int = 96
@@ -80,30 +80,33 @@ class SyntheticSpec:
         self.object_scale = tuple(float(s) for s in self.object_scale)
         unknown = [c for c in self.class_names if c not in CLASS_STYLES]
         if unknown:
-            raise ValueError(f"data.synthetic.class_names: unknown {unknown}; choose from {sorted(CLASS_STYLES)}")
+            raise ValueError(f"data.layout.spec.class_names: unknown {unknown}; choose from {sorted(CLASS_STYLES)}")
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError("data.synthetic.class_names must be distinct")
+            raise ValueError("data.layout.spec.class_names must be distinct")
         for name in (*self.pair, self.context_class):
             if name not in self.class_names:
-                raise ValueError(f"data.synthetic: '{name}' (pair/context_class) is not in class_names")
+                raise ValueError(f"data.layout.spec: '{name}' (pair/context_class) is not in class_names")
         if len(self.pair) != 2 or self.pair[0] == self.pair[1]:
-            raise ValueError("data.synthetic.pair must name two different classes")
+            raise ValueError("data.layout.spec.pair must name two different classes")
         if self.context_class in self.pair:
-            raise ValueError("data.synthetic.context_class must not be one of the pair classes")
+            raise ValueError("data.layout.spec.context_class must not be one of the pair classes")
         for key in ("pair_class_rate", "pair_rate", "context_class_rate", "context_rate", "context_leak",
                     "object_rate"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.synthetic.{key} must lie in [0, 1], got {value}")
+                raise ValueError(f"data.layout.spec.{key} must lie in [0, 1], got {value}")
+        if len(self.object_scale) != 2 or not 0 < self.object_scale[0] <= self.object_scale[1] <= 1:
+            raise ValueError("data.layout.spec.object_scale must be two fractions of the image side, "
+                             f"0 < low <= high <= 1, got {list(self.object_scale)}")
         if self.image_size < 32:
-            raise ValueError(f"data.synthetic.image_size must be >= 32, got {self.image_size}")
+            raise ValueError(f"data.layout.spec.image_size must be >= 32, got {self.image_size}")
         if self.max_objects < 2:
-            raise ValueError("data.synthetic.max_objects must be >= 2 (the pair needs two)")
+            raise ValueError("data.layout.spec.max_objects must be >= 2 (the pair needs two)")
         self.split_sizes = {"train": self.num_train, "val": self.num_val,
                             "val_deconfounded": self.num_val_deconfounded}
         for split, n in self.split_sizes.items():
             if n < 1:
-                raise ValueError(f"data.synthetic: split '{split}' must have at least one image, got {n}")
+                raise ValueError(f"data.layout.spec: split '{split}' must have at least one image, got {n}")
 
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
@@ -186,6 +189,7 @@ def _place(mask: np.ndarray, occupied: np.ndarray, size: int, rng: np.random.Gen
     """Top-left corner for ``mask`` inside ``box`` (y0, y1, x0, x1 ranges), least overlap with ``occupied``."""
     s = mask.shape[0]
     y0, y1, x0, x1 = box or (0, size - s, 0, size - s)
+    y0, x0 = min(y0, size - s), min(x0, size - s)
     y1, x1 = max(y0, min(y1, size - s)), max(x0, min(x1, size - s))
     best, best_overlap = (y0, x0), None
     for _ in range(tries):

@@ -79,7 +79,10 @@ def msc_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Ten
     total = outputs[0].new_zeros(())
     for out in outputs:
         labels = F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
-        total = total + F.cross_entropy(out, labels, ignore_index=IGNORE)
+        if (labels != IGNORE).any():
+            total = total + F.cross_entropy(out, labels, ignore_index=IGNORE)
+        else:  # nothing labelled (all ignore): no loss, instead of the NaN of an empty mean
+            total = total + 0.0 * out.sum()
     return total
 
 

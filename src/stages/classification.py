@@ -110,8 +110,10 @@ def eval_transform(ctx: StageContext) -> A.Compose:
 
 
 def steps_per_epoch(n_images: int, global_batch: int, world: int) -> int:
-    per_rank = -(-n_images // world)
-    return max(1, per_rank // max(1, global_batch // world))
+    """Optimiser steps per epoch: whole global batches (the sampler drops the rest), same for 1 and N
+    processes."""
+    per_device = max(1, global_batch // world)
+    return max(1, n_images // (per_device * world))
 
 
 def warm_start(net: torch.nn.Module, source: Artifact, stage_name: str) -> None:
@@ -143,6 +145,11 @@ class ClassificationStage(Stage):
         self.net_cfg, self.epochs, self.batch_size = net, epochs, batch_size
         self.optim, self.augment, self.crop_size = optim, augment, crop_size
 
+    def make_module(self, net: torch.nn.Module, optim: Mapping[str, Any], max_steps: int,
+                    context: ContextPrior | None, attention_lr_mult: float) -> pl.LightningModule:
+        """The training module of this classifier (a hook: SEAM's stage trains its siamese pair instead)."""
+        return ClassificationModule(net, optim, max_steps, context, attention_lr_mult)
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         spec = DictConfig({"net": self.net_cfg})
         net, prior, masks = build_classifier(spec, ctx.inputs.get("context"), ctx.cfg.get("conta"))
@@ -157,8 +164,8 @@ class ClassificationStage(Stage):
         trainer = ctx.make_trainer(max_epochs=self.epochs, checkpointing=True)
         max_steps = steps_per_epoch(len(train), self.batch_size, trainer.world_size) * self.epochs
         attention_lr = float(OmegaConf.select(ctx.cfg, "conta.context.attention_lr_mult", default=10.0))
-        module = ClassificationModule(net, OmegaConf.to_container(self.optim, resolve=True), max_steps, prior,
-                                      attention_lr)
+        module = self.make_module(net, OmegaConf.to_container(self.optim, resolve=True), max_steps, prior,
+                                  attention_lr)
         dm = WSSSDataModule(train, val, batch_size=self.batch_size, seed=ctx.seed, **ctx.loader_kwargs())
         fit_resumable(trainer, module, dm, ctx.out_dir)
         if "val/map" not in trainer.callback_metrics:  # resumed after the last epoch: score once more

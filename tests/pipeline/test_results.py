@@ -1,0 +1,66 @@
+"""Per-run results (src/pipeline/results.py): summaries, deltas against round 0, results.json, table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from src.pipeline.artifacts import Artifact
+from src.pipeline.results import RunResults
+
+
+def artifact(stage: str, summary: dict, reused: bool = False) -> Artifact:
+    manifest = {"metrics": {"summary": summary, "other": 1}, "duration_s": 12.5}
+    return Artifact(stage, f"fp-{stage}", Path(f"/cache/{stage}"), manifest, reused=reused)
+
+
+@pytest.fixture
+def results(tmp_path) -> RunResults:
+    cfg = OmegaConf.create({"baseline": {"name": "irnet"}, "conta": {"name": "on"}, "profile": {"name": "quick"},
+                            "data": {"name": "synthetic"}, "seed": 0})
+    res = RunResults(cfg, tmp_path)
+    res.record(0, "seeds", artifact("seeds", {"train/seed_miou": 0.40, "train/seed_best_threshold": 0.15},
+                                    reused=True), 0.25)
+    res.record(0, "segmentation", artifact("segmentation", {"val/miou": 0.50}), 10.0)
+    res.record(1, "seeds", artifact("seeds", {"train/seed_miou": 0.45, "train/seed_best_threshold": 0.2}), 3.0)
+    res.record(1, "segmentation", artifact("segmentation", {"val/miou": 0.48}), 11.0)
+    return res
+
+
+def test_summary_and_deltas(results):
+    assert results.summary(0) == {"seeds/train/seed_miou": 0.40, "seeds/train/seed_best_threshold": 0.15,
+                                  "segmentation/val/miou": 0.50}
+    deltas = results.deltas()
+    assert list(deltas) == [1]
+    assert deltas[1] == {"seeds/train/seed_miou": pytest.approx(0.05), "segmentation/val/miou": pytest.approx(-0.02)}
+    assert results.summary(7) == {}
+
+
+def test_results_json(results, tmp_path):
+    path = results.write()
+    assert path == tmp_path / "results.json"
+    data = json.loads(path.read_text())
+    assert (data["baseline"], data["conta"], data["profile"], data["data"], data["seed"]) == (
+        "irnet", "on", "quick", "synthetic", 0)
+    assert [r["round"] for r in data["rounds"]] == [0, 1]
+    seeds0 = data["rounds"][0]["stages"]["seeds"]
+    assert seeds0["reused"] is True and seeds0["fingerprint"] == "fp-seeds" and seeds0["artifact"] == "/cache/seeds"
+    assert data["rounds"][0]["timings_s"]["seeds"] == {"this_run": 0.25, "computed": 12.5}
+    assert data["rounds"][1]["summary"]["segmentation/val/miou"] == 0.48
+    assert data["deltas_vs_round0"]["1"]["segmentation/val/miou"] == pytest.approx(-0.02)
+    assert data["total_time_s"] == pytest.approx(24.25)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_table(results):
+    lines = results.table().splitlines()
+    header = lines[0].split()
+    assert header[0] == "round"
+    assert "seed mIoU" in lines[0] and "best thr" in lines[0] and "seg val" in lines[0]
+    assert "mask mIoU" not in lines[0]  # no stage reported it
+    assert lines[2].split() == ["0", "40.0", "0.15", "50.0"]
+    assert lines[3].split() == ["1", "45.0", "0.20", "48.0"]
+    assert lines[4].split() == ["1", "vs", "0", "+5.0", "-", "-2.0"]  # no delta of a threshold
