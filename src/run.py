@@ -14,7 +14,8 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from src.pipeline.pipeline import run_pipeline
+from src.pipeline.pipeline import describe_plan, plan, prepare_data, run_pipeline
+from src.pipeline.report import write_report
 from src.pipeline.validate import ConfigError, finalize
 from src.utils import dist
 from src.utils.logging import get_logger, quiet_lightning
@@ -34,10 +35,21 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.print_config:
         log.info("resolved config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.dry_run:
+        plan_text = describe_plan(plan(cfg))
+        data = prepare_data(cfg)
+        log.info(f"dry run: data ready ({data.layout.root}); stage plan:\n{plan_text}")
+        (run_dir / "plan.txt").write_text(plan_text + "\n")
+        return None
     results = run_pipeline(cfg, run_dir)
     if dist.is_rank_zero():
         path = results.write()
-        log.info(f"results: {path}\n{results.table()}")
+        tensorboard = "TensorBoard" in str(OmegaConf.select(cfg, "logger._target_", default=""))
+        report = write_report(results, results.data, run_dir,
+                              seed_threshold=float(OmegaConf.select(cfg, "baseline.seeds.eval_threshold",
+                                                                    default=0.15)),
+                              tensorboard_dir=run_dir / "logs" / "report" if tensorboard else None)
+        log.info(f"results: {path}\nreport: {report}\n{results.table()}")
     last = results.summary(max(results.rounds)) if results.rounds else {}
     return last.get("segmentation/val/miou")
 

@@ -38,7 +38,7 @@ def _fmt(value: Any, key: str) -> str:
 
 class RunResults:
     def __init__(self, cfg: DictConfig, run_dir: Path, data: Any = None) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
         self.rounds: dict[int, dict[str, Any]] = {}
 
     def record(self, round_index: int, stage: str, artifact: Artifact, seconds: float) -> None:

@@ -1,0 +1,112 @@
+"""Hydra callback: at the end of a multirun, one table of all jobs (``sweep_summary.md`` / ``.csv``)
+and a plot of mIoU per round per job (``sweep_miou.png``), in the sweep directory.
+
+Each job's ``results.json`` (src/pipeline/results.py) provides baseline, conta, seed and the per-round
+headline numbers; jobs that failed (no results.json) are listed as such.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from src.utils.io import write_bytes_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    ("seed mIoU", "seeds/train/seed_miou"),
+    ("seed best", "seeds/train/seed_best_miou"),
+    ("mask mIoU", "pseudo_masks/train/mask_miou"),
+    ("seg val", "segmentation/val/miou"),
+    ("seg val_deconf", "segmentation/val_deconfounded/miou"),
+)
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per (job, round) from the job folders under ``sweep_dir``."""
+    rows = []
+    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        results = job / "results.json"
+        if not results.is_file():
+            rows.append({"job": job.name, "status": "no results.json (failed or still running)"})
+            continue
+        data = json.loads(results.read_text())
+        for entry in data["rounds"]:
+            row = {"job": job.name, "status": "ok", "baseline": data.get("baseline"), "conta": data.get("conta"),
+                   "seed": data.get("seed"), "round": entry["round"]}
+            for title, key in COLUMNS:
+                row[title] = entry["summary"].get(key)
+            rows.append(row)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    header = ["job", "baseline", "conta", "seed", "round", *[t for t, _ in COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['job']} | {row['status']} |" + " |" * (len(header) - 2))
+            continue
+        lines.append("| " + " | ".join(_cell(row.get(h)) for h in header) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.4))
+    metrics = [c for c in COLUMNS if c[0] in ("seed mIoU", "mask mIoU", "seg val")]
+    jobs = sorted({r["job"] for r in rows if r["status"] == "ok"})
+    for k, (title, _) in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        for job in jobs:
+            pts = sorted((r["round"], r[title]) for r in rows if r["job"] == job and r.get(title) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=job)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mIoU (%)")
+    if jobs:
+        fig.axes[-1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    write_text_atomic(sweep_dir / "sweep_summary.md", "# Sweep summary\n\n" + to_markdown(rows))
+    buf = io.StringIO()
+    fields = ["job", "status", "baseline", "conta", "seed", "round", *[t for t, _ in COLUMNS]]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(sweep_dir / "sweep_summary.csv", buf.getvalue())
+    if any(r["status"] == "ok" for r in rows):
+        plot(rows, sweep_dir / "sweep_miou.png")
+    return rows
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        rows = write_summary(sweep_dir)
+        log.info(f"sweep summary ({sweep_dir / 'sweep_summary.md'}):\n" + to_markdown(rows))
