@@ -3,8 +3,9 @@
 Training: one global permutation per (seed, epoch); with ``drop_last`` it is cut to whole global
 batches (N // B * B images), otherwise padded to a multiple of the world size; rank r takes every
 world-th index. With a per-rank batch of B / world, global batch b is the same set of images as in a
-single-process run with batch B, and both run the same number of steps. Inference: rank r takes indices r, r + world, ...:
-no padding, so no image is written or scored twice and none is dropped.
+single-process run with batch B, and both run the same number of steps.
+Inference: rank r takes indices r, r + world, ...: no padding, so no image is written or scored
+twice and none is dropped.
 Both yield (epoch, index) so the dataset can seed its augmentation from them.
 """
 

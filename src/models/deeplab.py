@@ -8,7 +8,7 @@ every output gets its own loss (:func:`msc_loss`), at test time the max is the p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,16 +73,18 @@ def msc_forward(net: nn.Module, x: torch.Tensor, scales: Sequence[float]) -> lis
     return outs + [torch.stack(ups).amax(0)]
 
 
-def msc_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+def msc_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,
+             count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> torch.Tensor:
     """Sum of cross-entropies (ignore 255), each output against the labels shrunk to its own size
-    with nearest-neighbour."""
+    with nearest-neighbour. Each is the mean over the labelled pixels of the batch; ``count`` maps the
+    local pixel count to the normaliser (``src.utils.dist.global_mean_count`` in multi-process training).
+    An output with no labelled pixel adds 0 (not the NaN of an empty mean)."""
     total = outputs[0].new_zeros(())
     for out in outputs:
         labels = F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
-        if (labels != IGNORE).any():
-            total = total + F.cross_entropy(out, labels, ignore_index=IGNORE)
-        else:  # nothing labelled (all ignore): no loss, instead of the NaN of an empty mean
-            total = total + 0.0 * out.sum()
+        n = count((labels != IGNORE).sum())
+        ce = F.cross_entropy(out, labels, ignore_index=IGNORE, reduction="sum")
+        total = total + ce / n.clamp(min=1)
     return total
 
 

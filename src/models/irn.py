@@ -15,7 +15,7 @@ inference helpers reproduce ``EdgeDisplacement`` (flip merging of the boundary l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -250,20 +250,24 @@ def irn_loss_terms(
     neg: torch.Tensor,
     path_index: PathIndex,
     eps: float = LOSS_EPS,
+    count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c,
 ) -> dict[str, torch.Tensor]:
     """IRN training loss as in the reference ``step/train_irn.py``: every term is a batch-global mean
     (sum over all labelled pairs of the batch / (count + eps)), not a mean of per-image means.
+    ``count`` maps a local pair count to the normaliser (multi-process training passes
+    ``src.utils.dist.global_mean_count`` so the global batch's count is used).
 
     Keys: ``bg_pos_aff``, ``fg_pos_aff``, ``pos_aff`` = their average, ``neg_aff``, ``dp_fg`` and ``dp_bg``
     (divided by 2 * count: two displacement components), ``total`` = (pos + neg)/2 + (dp_fg + dp_bg)/2.
     """
     maps = irn_loss_maps(edge_logits, displacement, path_index, eps)
-    bg_pos_aff = (bg_pos * maps["pos_aff"]).sum() / (bg_pos.sum() + eps)
-    fg_pos_aff = (fg_pos * maps["pos_aff"]).sum() / (fg_pos.sum() + eps)
+    n_bg, n_fg, n_neg = count(bg_pos.sum()), count(fg_pos.sum()), count(neg.sum())
+    bg_pos_aff = (bg_pos * maps["pos_aff"]).sum() / (n_bg + eps)
+    fg_pos_aff = (fg_pos * maps["pos_aff"]).sum() / (n_fg + eps)
     pos_aff = bg_pos_aff / 2 + fg_pos_aff / 2
-    neg_aff = (neg * maps["neg_aff"]).sum() / (neg.sum() + eps)
-    dp_fg = (maps["dp_fg"] * fg_pos.unsqueeze(1)).sum() / (2 * fg_pos.sum() + eps)
-    dp_bg = (maps["dp_bg"] * bg_pos.unsqueeze(1)).sum() / (2 * bg_pos.sum() + eps)
+    neg_aff = (neg * maps["neg_aff"]).sum() / (n_neg + eps)
+    dp_fg = (maps["dp_fg"] * fg_pos.unsqueeze(1)).sum() / (2 * n_fg + eps)
+    dp_bg = (maps["dp_bg"] * bg_pos.unsqueeze(1)).sum() / (2 * n_bg + eps)
     total = (pos_aff + neg_aff) / 2 + (dp_fg + dp_bg) / 2
     return {"bg_pos_aff": bg_pos_aff, "fg_pos_aff": fg_pos_aff, "pos_aff": pos_aff, "neg_aff": neg_aff,
             "dp_fg": dp_fg, "dp_bg": dp_bg, "total": total}

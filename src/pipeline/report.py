@@ -62,7 +62,8 @@ def train_panel(run_dir: Path, round_index: int, data: DataBundle, ids: Sequence
         gt = read_label(data.layout.mask_path(image_id))
         seeds = load_npz(cams)
         scores = seeds["high_res"].astype(np.float32)
-        tiles = [image, colorize(gt), cam_overlay(image, scores), colorize(seed_labels(scores, seeds["keys"], threshold))]
+        seed = seed_labels(scores, seeds["keys"], threshold)
+        tiles = [image, colorize(gt), cam_overlay(image, scores), colorize(seed)]
         if mask.is_file():
             tiles.append(colorize(read_label(mask)))
         rows.append(_row(tiles))

@@ -108,7 +108,20 @@ class StageContext:
         }
         kwargs.update(overrides)
         trainer_cfg = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+        if trainer_cfg.get("sync_batchnorm") and trainer_cfg.get("accelerator") == "cpu":
+            _warn_once("trainer.sync_batchnorm needs GPUs (torch's SyncBatchNorm): on CPU processes each keeps "
+                        "its own BN statistics, so 1 and N processes train slightly different models")
+            trainer_cfg["sync_batchnorm"] = False
         return instantiate(trainer_cfg, **kwargs)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -24,6 +24,7 @@ from src.models.irn import irn_loss_terms
 from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
 from src.stages.classification import steps_per_epoch
 from src.stages.optim import build_sgd, poly_scheduler
+from src.utils.dist import global_mean_count
 
 LABEL_STRIDE = 4
 LABEL_OFFSET = 2  # the reference shrinks labels by nearest-neighbour sampling of pixels 4i + 2
@@ -47,7 +48,7 @@ class IRNModule(pl.LightningModule):
         labels = batch["mask"][:, LABEL_OFFSET::LABEL_STRIDE, LABEL_OFFSET::LABEL_STRIDE][:, :h, :w]
         index = self.path_index((h, w))
         bg_pos, fg_pos, neg = affinity_labels(labels, index)
-        terms = irn_loss_terms(edge_logits, displacement, bg_pos, fg_pos, neg, index)
+        terms = irn_loss_terms(edge_logits, displacement, bg_pos, fg_pos, neg, index, count=global_mean_count)
         n = edge_logits.shape[0]
         for key in ("pos_aff", "neg_aff", "dp_fg", "dp_bg"):
             self.log(f"train/{key}", terms[key], batch_size=n)

@@ -26,6 +26,7 @@ from src.models.deeplab import msc_forward, msc_loss, predict_probs
 from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
 from src.stages.classification import eval_transform, steps_per_epoch
 from src.stages.optim import build_sgd, poly_scheduler
+from src.utils.dist import global_mean_count
 from src.utils.io import save_label_png_atomic
 
 MASK_FOLDER = "masks"  # where every refinement's last step writes the pseudo-masks
@@ -41,7 +42,7 @@ class SegmentationModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         outputs = msc_forward(self.net, batch["image"], self.msc_scales)
-        loss = msc_loss(outputs, batch["mask"])
+        loss = msc_loss(outputs, batch["mask"], count=global_mean_count)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 

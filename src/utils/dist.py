@@ -68,3 +68,16 @@ def all_gather_object(obj: T) -> list[T]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def global_mean_count(count: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a per-rank count (no gradient).
+
+    A loss that is a batch-global mean, sum / count, must divide by the count of the GLOBAL batch for
+    1 and N processes to agree: with DDP averaging gradients over N ranks, each rank divides its own sum
+    by (global count / N), which is this value. Without a process group it is the count itself.
+    """
+    count = count.detach().clone().float()
+    if not is_dist():
+        return count
+    return all_reduce_sum(count) / world_size()
