@@ -67,6 +67,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 3.4))
     metrics = [c for c in COLUMNS if c[0] in ("seed mIoU", "mask mIoU", "seg val")]
@@ -78,6 +79,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=job)
         ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("mIoU (%)")
     if jobs:

@@ -167,9 +167,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResults:
             # were reused from the cache (round-independent: round r differs from round 0 only by CONTA).
             pl.seed_everything(stage_seed(int(cfg.seed), st.name), workers=True, verbose=False)
 
-            def run(out_dir: Path, stage=stage, st=st, inputs=inputs, specs=specs) -> dict:
+            def run(out_dir: Path, stage=stage, st=st, inputs=inputs, specs=specs, k=k) -> dict:
                 ctx = StageContext(cfg=cfg, name=st.name, round=st.round, out_dir=out_dir, inputs=inputs,
-                                   data=data, run_dir=run_dir, specs=specs)
+                                   data=data, run_dir=run_dir, specs=specs,
+                                   progress_label=f"round {st.round}/{len(rounds) - 1} · {k}/{total} {st.name}")
                 return stage.run(ctx)
 
             artifact = store.produce(st.name, r, stage_fingerprint_spec(cfg, st), inputs, run)

@@ -22,6 +22,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from src.callbacks.guards import NonFiniteLossGuard
+from src.callbacks.progress import progress_bar
 from src.data.voc import VOCLayout
 from src.pipeline.artifacts import CHECKPOINT, Artifact
 from src.utils.io import write_bytes_atomic
@@ -69,6 +71,7 @@ class StageContext:
     data: DataBundle
     run_dir: Path
     specs: Mapping[str, DictConfig] = field(default_factory=dict)
+    progress_label: str = ""
 
     @property
     def seed(self) -> int:
@@ -99,7 +102,12 @@ class StageContext:
         if checkpointing:
             cbs.append(ModelCheckpoint(dirpath=self.out_dir / "checkpoints", save_last=True, save_top_k=0,
                                        every_n_epochs=1))
+            cbs.append(NonFiniteLossGuard(self.out_dir / "debug", f"round {self.round} {self.name}"))
+        bar = progress_bar(self.progress_label, str(OmegaConf.select(self.cfg, "progress", default="rich")))
+        if bar is not None:
+            cbs.append(bar)
         kwargs: dict[str, Any] = {
+            "enable_progress_bar": bar is not None,
             "logger": logger,
             "callbacks": cbs,
             "default_root_dir": str(self.out_dir),

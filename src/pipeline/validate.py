@@ -3,6 +3,7 @@ work starts, with a message naming the setting and the valid choices."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -17,6 +18,18 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 class ConfigError(ValueError):
     """A setting is missing or invalid."""
+
+
+def check_writable(folder: str | Path, setting: str) -> None:
+    """Fail early when an output folder cannot be created or written."""
+    path = Path(str(folder)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{setting}={path} is not writable: {err.strerror or err}") from err
 
 
 def choices(group: str) -> list[str]:

@@ -6,6 +6,7 @@ keep decisions (reuse a stage or not) identical on all ranks and reduce sums acr
 
 from __future__ import annotations
 
+import os
 from typing import Any, TypeVar
 
 import torch
@@ -32,6 +33,27 @@ def world_size() -> int:
 
 def is_rank_zero() -> bool:
     return global_rank() == 0
+
+
+# What Lightning's DDP launcher sets in the launching process's environment.
+LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_externally() -> bool:
+    """True in processes started by a launcher (torchrun, SLURM, or Lightning for ranks >= 1)."""
+    return any(k in os.environ for k in ("LOCAL_RANK", "SLURM_PROCID", "RANK"))
+
+
+def shutdown(forget_launch: bool = False) -> None:
+    """End the process group (all ranks), e.g. between the jobs of a multirun. ``forget_launch``: this
+    process launched its DDP children itself; clear the environment the launcher left behind, so the
+    next job launches (and rendezvous on a fresh port) again."""
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+    if forget_launch:
+        for key in LAUNCH_ENV:
+            os.environ.pop(key, None)
 
 
 def barrier() -> None:
