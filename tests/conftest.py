@@ -20,11 +20,13 @@ CONF = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
 
 # A synthetic set and schedules small enough for a few seconds per stage on one CPU core.
-TINY = [
+TINY_DATA = [
     "data.layout.spec.num_train=16",
     "data.layout.spec.num_val=6",
     "data.layout.spec.num_val_deconfounded=6",
     "data.layout.spec.image_size=48",
+]
+TINY_SCHEDULE = [
     "profile.cam.epochs=1",
     "profile.cam.batch_size=8",
     "profile.cam.crop=48",
@@ -37,6 +39,7 @@ TINY = [
     "profile.deeplab.crop=48",
     "print_config=false",
 ]
+TINY = TINY_DATA + TINY_SCHEDULE
 
 
 @pytest.fixture(autouse=True)

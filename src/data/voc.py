@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from src.utils.io import read_label
 
@@ -105,6 +106,27 @@ class VOCLayout:
                 return path
         return None
 
+    def read_gt(self, image_id: str) -> np.ndarray:
+        """The ground-truth label map of an image, checked against the image's size and the class count;
+        errors name the files."""
+        path = self.mask_path(image_id)
+        if path is None:
+            raise FileNotFoundError(f"no ground-truth mask for {image_id} in {[str(d) for d in self.mask_dirs]}")
+        mask = read_label(path)
+        image_path = self.image_path(image_id)
+        try:
+            with Image.open(image_path) as img:
+                width, height = img.size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {image_path}") from None
+        except OSError as err:
+            raise ValueError(f"corrupt or unreadable image file {image_path}: {err}") from err
+        if mask.shape != (height, width):
+            raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+                             f"{width}x{height}")
+        self.labels_from_mask(mask, str(path))  # class ids in range
+        return mask
+
     def has_masks(self, split: str) -> bool:
         return all(self.mask_path(i) is not None for i in self.ids(split))
 
@@ -183,3 +205,27 @@ class VOCLayout:
                 )
             rows.append(self.labels_from_mask(read_label(path), str(path)))
         return np.stack(rows)
+
+    def check_labels_against_masks(self, split: str) -> int:
+        """With a labels file, check that each image's labels equal the classes in its ground-truth mask
+        (images without a mask are skipped); raises naming the file and the first mismatching ids.
+        Returns the number of images checked."""
+        if self.labels_file is None:
+            return 0
+        labels = self.labels(split)
+        bad, checked = [], 0
+        for image_id, row in zip(self.ids(split), labels):
+            path = self.mask_path(image_id)
+            if path is None:
+                continue
+            checked += 1
+            from_mask = self.labels_from_mask(read_label(path), str(path))
+            if not np.array_equal(from_mask, row):
+                names = lambda v: [self.class_names[i] for i in np.flatnonzero(v)]  # noqa: E731
+                bad.append(f"{image_id}: file {names(row)}, mask {names(from_mask)}")
+        if bad:
+            raise ValueError(
+                f"labels file {self.labels_file} disagrees with the masks of split '{split}' for {len(bad)} of "
+                f"{checked} images, e.g. " + "; ".join(bad[:3]) + " (set data.check_labels=false to skip this check)"
+            )
+        return checked

@@ -19,10 +19,7 @@ from src.utils.io import load_npz, read_label
 
 
 def _gt(layout: VOCLayout, image_id: str) -> np.ndarray:
-    path = layout.mask_path(image_id)
-    if path is None:
-        raise FileNotFoundError(f"no ground-truth mask for {image_id} under {layout.root}")
-    return read_label(path)
+    return layout.read_gt(image_id)
 
 
 def _shard(ids: Sequence[str]) -> Sequence[str]:

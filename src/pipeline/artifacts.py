@@ -65,6 +65,17 @@ class Artifact:
         return self.path.joinpath(*parts)
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files of writers that were killed mid-write (``.<name>.<random>.tmp``, see
+    src/utils/io.py); only ever called under the artifact's lock, when no writer is alive."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info(f"removed {len(stale)} half-written temporary file(s) of an interrupted run in {folder}")
+    return len(stale)
+
+
 class ArtifactStore:
     """Finds, runs and records stage outputs; see the module docstring."""
 
@@ -151,7 +162,10 @@ class ArtifactStore:
                 log.info(f"round {round_index} {stage}: reusing {out_dir} (fingerprint {fp[:16]})")
             else:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                resumed = any(p.name != ".lock" for p in out_dir.iterdir())
+                if dist.is_rank_zero():
+                    remove_stale_temporaries(out_dir)
+                dist.barrier()
+                resumed = any(out_dir.iterdir())
                 log.info(
                     f"round {round_index} {stage}: {'resuming' if resumed else 'running'} in {out_dir}"
                 )

@@ -108,7 +108,8 @@ def describe_plan(rounds: list[list[PlannedStage]]) -> str:
 def stage_fingerprint_spec(cfg: DictConfig, st: PlannedStage) -> dict[str, Any]:
     """Everything a stage's output depends on, besides its input artifacts."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.pop("loader", None)
+    data.pop("loader", None)  # worker counts do not change results
+    data.get("layout", {}).pop("cache_dir", None)  # where the cache lives is not what it holds
     spec: dict[str, Any] = {
         "stage": f"{st.cls.__module__}.{st.cls.__qualname__}",
         "version": st.cls.version,
@@ -141,6 +142,11 @@ def prepare_data(cfg: DictConfig) -> DataBundle:
     )
     for split in {bundle.train_split, bundle.val_split, *bundle.eval_splits}:
         layout.ids(split)  # fails early, naming the missing list
+    for split in {bundle.train_split, bundle.val_split}:
+        layout.labels(split)  # fails early on a bad labels file or mask (read once, then cached)
+    if d.get("check_labels", True):
+        for split in {s for s in (bundle.seed_eval_split, bundle.val_split) if s}:
+            layout.check_labels_against_masks(split)
     return bundle
 
 
