@@ -49,7 +49,8 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
 
 
 def stage_dir(cache: Path, stage: str) -> Path | None:
-    found = [p for p in (cache / "artifacts" / stage).glob("*") if p.is_dir()] if (cache / "artifacts" / stage).is_dir() else []
+    folder = cache / "artifacts" / stage
+    found = [p for p in folder.glob("*") if p.is_dir()] if folder.is_dir() else []
     return found[0] if found else None
 
 
