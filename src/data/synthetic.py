@@ -14,6 +14,8 @@ from the water under it). The synthetic set builds both biases in, at a size tha
 
 Masks are palette PNGs with 0 = background, 1..K = classes and a 255 band (``border`` px either side)
 along every object boundary, as in VOC. Image-level labels are derived from the masks by the reader.
+``ContextRegion/<id>.png`` marks the context texture (1 = water) so analyses can measure how much of
+the context a model labels as the context class (never used for training).
 """
 
 from __future__ import annotations
@@ -212,9 +214,10 @@ def _paint(image: np.ndarray, label: np.ndarray, occupied: np.ndarray, mask: np.
     occupied[y:y + s, x:x + s] |= mask
 
 
-def draw_image(spec: SyntheticSpec, confounded: bool, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """One (RGB uint8 image, label map uint8, has-context-texture) triple following the rules."""
+def draw_image(spec: SyntheticSpec, confounded: bool, rng: np.random.Generator, return_context: bool = False
+               ) -> tuple:
+    """One (RGB uint8 image, label map uint8, has-context-texture) triple following the rules; with
+    ``return_context`` also the context region (uint8, 1 where the water texture is visible)."""
     size = spec.image_size
     names = list(spec.class_names)
     ids = {n: i + 1 for i, n in enumerate(names)}
@@ -288,6 +291,12 @@ def draw_image(spec: SyntheticSpec, confounded: bool, rng: np.random.Generator
         edge = cv2.dilate(label, k) != cv2.erode(label, k)
         label = label.copy()
         label[edge] = 255
+    if return_context:
+        context = np.zeros((size, size), np.uint8)
+        if water:
+            context[waterline:] = 1
+        context[occupied > 0] = 0
+        return image, label, water, context
     return image, label, water
 
 
@@ -305,11 +314,12 @@ def generate(spec: SyntheticSpec, root: Path) -> dict:
         water = []
         for i in range(n):
             rng = np.random.default_rng([spec.seed, split_index, i])
-            image, label, has_water = draw_image(spec, confounded, rng)
+            image, label, has_water, context = draw_image(spec, confounded, rng, return_context=True)
             water.append(has_water)
             image_id = f"{prefix}_{i:05d}"
             save_jpeg_atomic(root / "JPEGImages" / f"{image_id}.jpg", image, spec.jpeg_quality)
             save_label_png_atomic(root / "SegmentationClass" / f"{image_id}.png", label)
+            save_label_png_atomic(root / "ContextRegion" / f"{image_id}.png", context, palette=False)
             ids.append(image_id)
             present = np.zeros(len(names), int)
             for v in np.unique(label):

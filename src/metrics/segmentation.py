@@ -41,6 +41,7 @@ def scores_from_confusion(confusion: np.ndarray | torch.Tensor, class_names: Seq
         "iou": per_class(iou),
         "precision": per_class(precision),
         "recall": per_class(recall),
+        "confusion": conf.astype(np.int64).tolist(),  # [ground truth, prediction] pixel counts
     }
 
 

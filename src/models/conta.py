@@ -10,6 +10,9 @@ an h x w map that joins the classifier (as an extra channel of its last feature 
 an extra image channel). W1 and W2 train with the classification loss. ``image_mask`` says what X_m
 holds: ``foreground`` (binary any-class mask, the default), ``label_map`` (class index / n) or
 ``per_class`` (the n x hw stack; W1 then acts on each class channel and pairs it with c_i).
+``normalize="max"`` (an option, not in the paper) divides M by its maximum: with P(c_i) = 1/n the
+paper's M is ~1/n of a class-average mask, far smaller than the features it joins (see
+experiments/conta_synthetic/RESULTS.md for what that does to training).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 
 IMAGE_MASK_MODES = ("foreground", "label_map", "per_class")
 INJECT_MODES = ("feature", "input")
+NORMALIZE_MODES = ("none", "max")
 
 
 def image_mask_vector(label_map: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
@@ -56,8 +60,12 @@ def image_mask_vector(label_map: torch.Tensor, num_classes: int, mode: str) -> t
 class ContextAdjustment(nn.Module):
     """Builds the context prior M from the confounder set and an image's mask (module docstring)."""
 
-    def __init__(self, confounder_set: torch.Tensor, image_mask: str = "foreground") -> None:
+    def __init__(self, confounder_set: torch.Tensor, image_mask: str = "foreground", normalize: str = "none"
+                 ) -> None:
         super().__init__()
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"conta.context.normalize must be one of {NORMALIZE_MODES}, got '{normalize}'")
+        self.normalize = normalize
         if image_mask not in IMAGE_MASK_MODES:
             raise ValueError(f"conta.image_mask must be one of {IMAGE_MASK_MODES}, got '{image_mask}'")
         if confounder_set.dim() != 3:
@@ -83,6 +91,8 @@ class ContextAdjustment(nn.Module):
         """M (B, 1, h, w) for image masks X_m (see :func:`image_mask_vector` for the layout)."""
         alpha = self.attention(x_m)
         prior = alpha @ self.confounders.flatten(1) / self.num_classes  # P(c_i) = 1/n
+        if self.normalize == "max":  # same spatial pattern, values up to 1 like the (ReLU'd) features
+            prior = prior / prior.amax(1, keepdim=True).clamp_min(1e-6)
         return prior.view(-1, 1, *self.size)
 
 

@@ -79,6 +79,7 @@ class RunResults:
             "conta": OmegaConf.select(cfg, "conta.name", default="off"),
             "profile": OmegaConf.select(cfg, "profile.name"),
             "data": OmegaConf.select(cfg, "data.name"),
+            "data_root": str(self.data.layout.root) if self.data is not None else None,
             "seed": OmegaConf.select(cfg, "seed"),
             "rounds": [dict(self.rounds[r], summary=self.summary(r)) for r in sorted(self.rounds)],
             "deltas_vs_round0": {str(k): v for k, v in self.deltas().items()},

@@ -50,9 +50,9 @@ class ContextMasks:
 class ContextPrior(torch.nn.Module):
     """X_m (label map or probabilities) -> M, with CONTA's image-mask convention from the config."""
 
-    def __init__(self, confounders: torch.Tensor, image_mask: str) -> None:
+    def __init__(self, confounders: torch.Tensor, image_mask: str, normalize: str = "none") -> None:
         super().__init__()
-        self.adjust = ContextAdjustment(confounders, image_mask)
+        self.adjust = ContextAdjustment(confounders, image_mask, normalize)
         self.image_mask = image_mask
 
     def forward(self, context_mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class ContextPrior(torch.nn.Module):
 def build_context(ctx_cfg: DictConfig, artifact: Artifact) -> tuple[ContextPrior, ContextMasks]:
     """The context module and the per-image mask reader of a round, from the previous round's artifact."""
     saved = load_confounder_set(artifact)
-    prior = ContextPrior(saved["confounders"], str(ctx_cfg.image_mask))
+    prior = ContextPrior(saved["confounders"], str(ctx_cfg.image_mask), str(ctx_cfg.get("normalize", "none")))
     return prior, ContextMasks(artifact, bool(ctx_cfg.soft_image_mask))
 
 
