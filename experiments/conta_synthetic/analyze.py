@@ -1,7 +1,7 @@
 """Does CONTA help on the synthetic confounded set? Aggregates a sweep over seeds.
 
     python -m src.run -m +baseline=irnet +conta=on,off seed=0,1,2 hydra.sweep.dir=outputs/conta_sweep
-    python -m experiments.conta_synthetic.analyze outputs/conta_sweep [DATA_ROOT] > experiments/conta_synthetic/RESULTS.md
+    python -m experiments.conta_synthetic.analyze outputs/conta_sweep [DATA_ROOT]
 
 Per round (mean and sample std over seeds): seed / pseudo-mask mIoU (train), segmentation mIoU (val,
 val_deconfounded), and the two biases CONTA targets:

@@ -14,10 +14,9 @@ import math
 import sys
 from pathlib import Path
 
+import albumentations as A
 import torch
 from omegaconf import OmegaConf
-
-import albumentations as A
 
 from src.data.datasets import WSSSDataset
 from src.data.voc import VOCLayout
@@ -61,8 +60,8 @@ def main(run_dir: str, round_index: str = "1", data_root: str | None = None) -> 
     cams = net.cams(images, m).relu()
     cams_zero = net.cams(images, torch.zeros_like(m)).relu()
     print(f"round {r} classifier ({len(ds)} val images)")
-    print(f"attention: mean max alpha {alpha.max(1).values.mean():.3f} (uniform 1/n = {1 / n:.3f}); entropy {entropy:.3f}"
-          f" (uniform log n = {math.log(n):.3f})")
+    print(f"attention: mean max alpha {alpha.max(1).values.mean():.3f} (uniform 1/n = {1 / n:.3f}); "
+          f"entropy {entropy:.3f} (uniform log n = {math.log(n):.3f})")
     print(f"M: mean {m.mean():.4f}, std over images of the per-pixel value {m.std(0).mean():.5f}, "
           f"std over pixels {m.std((1, 2, 3)).mean():.5f}")
     print(f"classifier weight |w_M| mean {w[:, -1].abs().mean():.4f} vs |w_feature| mean {w[:, :-1].abs().mean():.4f}")

@@ -67,7 +67,7 @@ def test_round_one_resumes_from_the_saved_confounder_set(make_cfg, tmp_path: Pat
     cfg = finalize(make_cfg("+baseline=irnet", "+conta=on", "conta.rounds=1", "progress=none"))
     first = run_pipeline(cfg, tmp_path / "a")
     # lose everything of round 1 (as if the run had been killed right after saving C)
-    for stage, info in first.rounds[1]["stages"].items():
+    for info in first.rounds[1]["stages"].values():
         for path in sorted(Path(info["artifact"]).rglob("*"), reverse=True):
             path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
         Path(info["artifact"]).rmdir()
