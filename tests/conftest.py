@@ -92,3 +92,59 @@ def env_without_gpu() -> dict[str, str]:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+# ------------------------------------------------------------------ fidelity: measured deviations
+# The reference tests (tests/reference/) compare our outputs with the reference code's. Every comparison
+# they make is recorded here (largest absolute and relative deviation per test); with WSSS_FIDELITY_JSON
+# set, the session writes them to that file (experiments/FIDELITY.md is built from it).
+_DEVIATIONS: dict[str, dict[str, float]] = {}
+
+
+def _record(node: str, actual, desired) -> None:
+    import numpy as np
+
+    try:
+        a = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)
+        d = np.asarray(desired.detach().cpu() if hasattr(desired, "detach") else desired, dtype=np.float64)
+        diff = np.abs(a - d)
+    except (TypeError, ValueError):
+        return
+    if diff.size == 0:
+        return
+    entry = _DEVIATIONS.setdefault(node, {"max_abs": 0.0, "max_rel": 0.0, "comparisons": 0, "values": 0})
+    entry["max_abs"] = max(entry["max_abs"], float(np.nanmax(diff)))
+    rel = diff / np.maximum(np.abs(d), 1e-12)
+    entry["max_rel"] = max(entry["max_rel"], float(np.nanmax(np.where(np.abs(d) > 1e-6, rel, 0.0))))
+    entry["comparisons"] += 1
+    entry["values"] += int(diff.size)
+
+
+@pytest.fixture(autouse=True)
+def _measure_reference_deviations(request, monkeypatch):
+    if "reference" not in str(request.node.fspath):
+        yield
+        return
+    import numpy as np
+
+    node = request.node.nodeid
+    wrapped = {
+        (np.testing, "assert_allclose"), (np.testing, "assert_array_equal"), (torch.testing, "assert_close"),
+    }
+    for module, name in wrapped:
+        original = getattr(module, name)
+
+        def check(actual, desired, *args, _original=original, **kwargs):
+            _record(node, actual, desired)
+            return _original(actual, desired, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, check)
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = os.environ.get("WSSS_FIDELITY_JSON")
+    if out and _DEVIATIONS:
+        import json
+
+        Path(out).write_text(json.dumps(_DEVIATIONS, indent=2, sort_keys=True) + "\n")
