@@ -54,7 +54,9 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
                                                          antialias=scale < 1)
         batch = torch.cat([x, x.flip(-1)]) if flip else x
         p = None if prior is None else (torch.cat([prior, prior]) if flip else prior)
-        maps = F.relu(cam_fn(batch, p))
+        # fp32 from here on: under bf16/fp16 autocast the net's maps are low precision, and summing
+        # 8 maps, resizing and normalising in fp32 keeps seeds equal to the fp32 run's up to the net.
+        maps = F.relu(cam_fn(batch, p).float())
         if flip:
             maps = maps[:b] + maps[b:].flip(-1)
         cam = F.interpolate(maps, small, mode="bilinear", align_corners=False)
@@ -83,6 +85,10 @@ class CAMInference(pl.LightningModule):
     def cam_fn(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         return self.net.cams(x, prior)
 
+    def normalise(self, maps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The stored maps of the image's classes (a hook: SEAM min-max normalises instead)."""
+        return keep_and_normalise(maps, keys)
+
     @torch.no_grad()
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[tuple[str, dict]]:
         out = []
@@ -97,8 +103,8 @@ class CAMInference(pl.LightningModule):
                 keys = torch.nonzero(s["label"]).flatten().to(self.device)
                 out.append((s["id"], {
                     "keys": (keys + 1).to(torch.int16).cpu().numpy(),
-                    "cam": keep_and_normalise(cam, keys).cpu().numpy().astype(self.np_dtype),
-                    "high_res": keep_and_normalise(high, keys).cpu().numpy().astype(self.np_dtype),
+                    "cam": self.normalise(cam, keys).cpu().numpy().astype(self.np_dtype),
+                    "high_res": self.normalise(high, keys).cpu().numpy().astype(self.np_dtype),
                 }))
         return out
 

@@ -87,8 +87,9 @@ class IRLabelStage(Stage):
         return ir_label_metrics(ctx, folder)
 
 
-def ir_label_metrics(ctx: StageContext, folder) -> dict[str, Any]:
-    """How much of the image the labels cover, and how often the confident labels are right."""
+def ir_label_metrics(ctx: StageContext, folder, name: str = "ir_label") -> dict[str, Any]:
+    """How much of the image the labels cover, and how often the confident labels are right (metric keys
+    ``train/<name>_coverage``, ``train/<name>_accuracy``; AffinityNet's labels share this)."""
     ids = ctx.data.seed_eval_ids()
     if not ids:
         return {"summary": {}}
@@ -104,4 +105,4 @@ def ir_label_metrics(ctx: StageContext, folder) -> dict[str, Any]:
         gt_sure = np.where(sure, gt, IGNORE).astype(np.uint8)
         conf += confusion_matrix(np.where(sure, lab, 0), gt_sure, n)
     accuracy = float(np.trace(conf) / max(1, conf.sum()))
-    return {"summary": {"train/ir_label_coverage": known / max(1, total), "train/ir_label_accuracy": accuracy}}
+    return {"summary": {f"train/{name}_coverage": known / max(1, total), f"train/{name}_accuracy": accuracy}}

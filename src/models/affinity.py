@@ -14,7 +14,7 @@ Pair layouts:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,12 +151,14 @@ def affinity_labels_in_radius(
 
 
 def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor,
-                  ) -> dict[str, torch.Tensor]:
+                  count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> dict[str, torch.Tensor]:
     """AffinityNet loss (``train_aff.py``): bg/4 + fg/4 + neg/2, each term a sum over the whole batch
-    divided by the batch's pair count + 1e-5; ``aff`` in the labels' layout (:func:`to_label_layout`)."""
-    bg_count = bg_pos.sum() + EPS
-    fg_count = fg_pos.sum() + EPS
-    neg_count = neg.sum() + EPS
+    divided by the batch's pair count + 1e-5; ``aff`` in the labels' layout (:func:`to_label_layout`).
+    ``count`` maps a local pair count to the normaliser (multi-process training passes
+    ``src.utils.dist.global_mean_count`` so the global batch's count is used, as IRN's loss)."""
+    bg_count = count(bg_pos.sum()) + EPS
+    fg_count = count(fg_pos.sum()) + EPS
+    neg_count = count(neg.sum()) + EPS
     bg_loss = (-bg_pos * torch.log(aff + EPS)).sum() / bg_count
     fg_loss = (-fg_pos * torch.log(aff + EPS)).sum() / fg_count
     neg_loss = (-neg * torch.log(1.0 + EPS - aff)).sum() / neg_count

@@ -118,6 +118,8 @@ class ResNet38d(nn.Module):
     ``norm``: ``frozen`` (reference: every BN uses its running statistics and its affine is not trained),
     ``fixed`` (running statistics, affine trained) or ``batch`` (plain BN, for training from scratch).
     ``frozen_blocks``: top-level blocks whose parameters get ``requires_grad=False``.
+    ``dropouts``: Dropout2d rates of the bottlenecks b6, b7 (None = the reference's 0.3, 0.5; the quick profile
+    trains from scratch on a few hundred images, where they keep the tiny net from fitting).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class ResNet38d(nn.Module):
         norm: str = "frozen",  # specs/seam.md: the reference freezes every BN layer
         frozen_blocks: Sequence[str] = (),
         in_channels: int = 3,
+        dropouts: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if width <= 0:
@@ -138,8 +141,13 @@ class ResNet38d(nn.Module):
         def ch(c: int) -> int:
             return max(1, int(round(c * width)))
 
+        bottlenecks = [a[0] for a in ARCH if a[1] == "bottleneck"]
+        if dropouts is not None and len(dropouts) != len(bottlenecks):
+            raise ValueError(f"ResNet-38d dropouts needs one rate per bottleneck {bottlenecks}, got {list(dropouts)}")
+        rates = dict(zip(bottlenecks, dropouts)) if dropouts is not None else {}
         self.conv1a = nn.Conv2d(in_channels, ch(STEM_WIDTH), 3, padding=1, bias=False)
         for name, kind, cin, mid, cout, stride, first_dil, dil, dropout in ARCH:
+            dropout = float(rates.get(name, dropout))
             if kind == "basic":
                 block = PreActBlock(ch(cin), ch(mid), ch(cout), stride, first_dil, dil, norm_cls)
             else:
