@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from src.models.weights import load_state_strict, read_state_dict
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -201,37 +202,5 @@ def load_weights(model: nn.Module, path: str | Path, ignore: Sequence[str] = HEA
     """Load a local state dict (torchvision file, or a Lightning/our checkpoint's ``state_dict``) into
     ``model`` strictly: any missing or unexpected key (besides ``ignore``) or shape mismatch stops
     with the keys listed."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"backbone weight file not found: {path} (set the path in conf/paths or on the command line; "
-            "nothing is downloaded at run time)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read weight file {path}: {err}") from err
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"weight file {path} does not hold a state dict")
-    state = {k: v for k, v in state.items() if k not in set(ignore)}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shape_errors = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape_errors:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if shape_errors:
-            parts.append(f"shape mismatches: {show(sorted(shape_errors))}")
-        raise ValueError(f"weight file {path} does not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-    log.info(f"loaded {len(state)} tensors from {path}")
+    state = read_state_dict(path)
+    load_state_strict(model, {k: v for k, v in state.items() if k not in set(ignore)}, source=f"weight file {path}")

@@ -23,10 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from src.models.resnet import norm_layer
+from src.models.weights import load_state_strict, read_state_dict
 from src.stages.optim import ParamGroup
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+CONVERT_HINT = "convert the MXNet ImageNet file with experiments/tools/convert_resnet38d.py"
+__all__ = ["load_state_strict", "read_state_dict"]
 
 # Blocks in forward order: (name, kind, in, mid, out, stride, first dilation, dilation, dropout).
 # "basic" blocks use mid as the width of their first 3x3 conv; bottlenecks derive out/4 and out/2.
@@ -205,7 +209,7 @@ class ResNet38d(nn.Module):
 
     def load_weights(self, path: str | Path) -> None:
         """Load a converted ImageNet file (or any ResNet-38d state dict with the reference names) strictly."""
-        load_state_strict(self, read_state_dict(path), source=str(path))
+        load_state_strict(self, read_state_dict(path, CONVERT_HINT), source=f"weight file {path}")
 
 
 def resnet38d(preset: str = "full", weights: str | Path | None = None, **kwargs) -> ResNet38d:
@@ -218,60 +222,6 @@ def resnet38d(preset: str = "full", weights: str | Path | None = None, **kwargs)
     if weights:
         model.load_weights(weights)
     return model
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local torch file (a plain state dict or a checkpoint holding ``state_dict``)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"weight file not found: {path} (set the path in conf/paths or on the command line; nothing is "
-            "downloaded at run time; convert the MXNet ImageNet file with "
-            "experiments/tools/convert_resnet38d.py)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read weight file {path}: {err}") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"weight file {path} does not hold a state dict")
-    return state
-
-
-def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict",
-                      keys: Iterable[str] | None = None) -> None:
-    """Load ``state`` into ``model`` checking every key of ``keys`` (default: all of the model's): any
-    missing or unexpected key or shape mismatch stops with the keys listed (as src.models.resnet).
-
-    BN ``num_batches_tracked`` counters may be absent (MXNet conversions have none; they are only read
-    when BN momentum is None): those are set to 0. Model keys outside ``keys`` are left untouched.
-    """
-    own = model.state_dict()
-    expected = set(own) if keys is None else set(keys)
-    state = dict(state)
-    for k in expected - set(state):
-        if k.endswith("num_batches_tracked"):
-            state[k] = torch.zeros_like(own[k])
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    shape_errors = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                          for k in expected & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shape_errors:
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if shape_errors:
-            parts.append(f"shape mismatches: {show(shape_errors)}")
-        raise ValueError(f"weights from {source} do not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=keys is None)
-    log.info(f"loaded {len(state)} tensors from {source}")
 
 
 # Learning-rate multipliers of the reference get_parameter_groups + train_SEAM.py / train_aff.py:

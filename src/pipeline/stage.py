@@ -25,6 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from src.callbacks.guards import NonFiniteLossGuard
 from src.callbacks.progress import progress_bar
 from src.data.voc import VOCLayout
+from src.models.weights import load_state_strict
 from src.pipeline.artifacts import CHECKPOINT, Artifact
 from src.utils.io import write_bytes_atomic
 from src.utils.logging import get_logger
@@ -181,21 +182,5 @@ def load_state(module: torch.nn.Module, checkpoint: Path, prefix: str, what: str
         raise ValueError(f"unreadable checkpoint {checkpoint} ({what}): {err}") from err
     state = state.get("state_dict", state)
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sub))
-    unexpected = sorted(set(sub) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sub[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sub) if tuple(sub[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-        detail = "; ".join(p for p in (
-            f"missing: {show(missing)}" if missing else "",
-            f"unexpected: {show(unexpected)}" if unexpected else "",
-            f"shape mismatch: {show(shapes)}" if shapes else "") if p)
-        raise ValueError(
-            f"checkpoint {checkpoint} does not fit the {what} of this config (another baseline, backbone or "
-            f"class count?): {detail}"
-        )
-    module.load_state_dict(sub, strict=True)
+    load_state_strict(module, sub, source=f"checkpoint {checkpoint} ({what})",
+                      hint="of this config (another baseline, backbone or class count?)")

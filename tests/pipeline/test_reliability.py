@@ -207,8 +207,8 @@ def test_checkpoint_of_another_class_count_is_refused(make_cfg, tmp_path: Path) 
                                            "data.num_classes=4", "progress=none")), tmp_path / "other")
     ckpt = Path(other.rounds[0]["stages"]["classification"]["artifact"]) / "model.ckpt"
     cfg = finalize(make_cfg("+baseline=irnet", "progress=none", f"+artifacts.reuse.round_0.classification={ckpt}"))
-    with pytest.raises(ValueError, match=r"checkpoint .*model\.ckpt does not fit the classification network .*"
-                                         r"shape mismatch: classifier\.weight"):
+    with pytest.raises(ValueError, match=r"checkpoint .*model\.ckpt \(classification network\) does not fit CAMNet "
+                                         r"of this config .*shape mismatches: classifier\.weight"):
         run_pipeline(cfg, tmp_path / "run")
 
 
