@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from src.callbacks.guards import NonFiniteLossGuard
+from src.callbacks.performance import ModelPerformance
 from src.callbacks.progress import progress_bar
 from src.data.voc import VOCLayout
 from src.models.weights import load_state_strict
@@ -104,6 +105,9 @@ class StageContext:
             cbs.append(ModelCheckpoint(dirpath=self.out_dir / "checkpoints", save_last=True, save_top_k=0,
                                        every_n_epochs=1))
             cbs.append(NonFiniteLossGuard(self.out_dir / "debug", f"round {self.round} {self.name}"))
+        perf = OmegaConf.select(self.cfg, "performance", default=None)
+        if perf is not None and (perf.get("channels_last") or perf.get("compile")):
+            cbs.append(ModelPerformance(bool(perf.get("channels_last")), bool(perf.get("compile"))))
         bar = progress_bar(self.progress_label, str(OmegaConf.select(self.cfg, "progress", default="rich")))
         if bar is not None:
             cbs.append(bar)
