@@ -30,8 +30,22 @@ def get_logger(name: str) -> RankedLogger:
     return RankedLogger(name)
 
 
+# Lightning warnings that are expected in this pipeline (each of a dozen Trainers would repeat them).
+EXPECTED_WARNINGS = (
+    ".*val_dataloader.*but have no .validation_step.*",  # refiners/segmentation train without validation
+    ".*does not have many workers.*",                    # num_workers is a data.loader setting
+    ".*smaller than the logging interval.*",             # tiny runs
+    ".*isinstance.treespec, LeafSpec.*",                 # a torch deprecation inside Lightning
+)
+
+
 def quiet_lightning() -> None:
-    """Silence Lightning's per-Trainer banners (accelerator info, tips): a run builds a dozen Trainers."""
+    """Silence Lightning's per-Trainer banners (accelerator info, tips) and expected warnings: a run builds
+    a dozen Trainers."""
+    import warnings
+
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
                  "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
