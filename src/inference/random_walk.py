@@ -145,7 +145,9 @@ def random_walk(x: torch.Tensor, pair_affinity: torch.Tensor, offsets: Offsets, 
     batch, channels, height, width = x.shape
     matrix = transition_matrix(pair_affinity, offsets, beta)
     flat = x.float().permute(0, 2, 3, 1).reshape(batch * height * width, channels)
-    with warnings.catch_warnings():
+    # fp32 even under a bf16/fp16 autocast: 256 products would compound the rounding (and CPU sparse
+    # kernels have no bf16 implementation).
+    with warnings.catch_warnings(), torch.autocast(x.device.type, enabled=False):
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
         for _ in range(int(n_steps)):
             flat = matrix @ flat
@@ -193,8 +195,14 @@ def propagate_cams(cams: torch.Tensor, edge: torch.Tensor, radius: int = RW_RADI
         raise ValueError(f"cams (B, C, h, w) and edge (B, h, w) disagree: {tuple(cams.shape)} vs "
                          f"{tuple(edge.shape)}")
     offsets = half_plane_offsets(radius)
-    pair_affinity = edge_to_pair_affinity(edge, radius)
-    x = cams * (1 - edge).unsqueeze(1)
-    if dense:
-        return random_walk_dense(x, pair_affinity, offsets, beta, exp_times)
-    return random_walk(x, pair_affinity, offsets, beta, 2 ** exp_times)
+    # Always fp32 (a bf16 boundary map would quantise 1 - edge before the power beta = 10), also under a
+    # mixed-precision trainer's autocast; the result has the CAMs' dtype.
+    with torch.autocast(cams.device.type, enabled=False):
+        edge32 = edge.float()
+        pair_affinity = edge_to_pair_affinity(edge32, radius)
+        x = cams.float() * (1 - edge32).unsqueeze(1)
+        if dense:
+            walked = random_walk_dense(x, pair_affinity, offsets, beta, exp_times)
+        else:
+            walked = random_walk(x, pair_affinity, offsets, beta, 2 ** exp_times)
+    return walked.to(cams.dtype)

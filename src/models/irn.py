@@ -231,8 +231,10 @@ def irn_loss_maps(edge_logits: torch.Tensor, displacement: torch.Tensor, path_in
     ``neg_aff`` = -log(1 + eps - a) (B, n_off, n_src); ``dp_fg`` = |pair_disp - offset|, ``dp_bg`` =
     |pair_disp| (B, 2, n_off, n_src), where the offset (dy, dx) is what a foreground pair's displacement
     difference should equal."""
-    aff = affinity_from_edge(torch.sigmoid(edge_logits), path_index)
-    pair_disp = pair_displacement(displacement, path_index)
+    # fp32 under a bf16/fp16 autocast too: in bf16, 1 + eps rounds to 1 and a ~ 1 - 2^-9 to 1, so
+    # -log(1 + eps - a) is inf (and 0 * inf = NaN in the masked sums) wherever the boundary is ~0.
+    aff = affinity_from_edge(torch.sigmoid(edge_logits.float()), path_index)
+    pair_disp = pair_displacement(displacement.float(), path_index)
     target = path_index.tensors(pair_disp.device).search_dst.t().to(pair_disp.dtype)[None, :, :, None]
     return {
         "pos_aff": -torch.log(aff + eps),

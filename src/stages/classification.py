@@ -51,7 +51,7 @@ class ClassificationModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.net(batch["image"], self.prior(batch))
-        loss = F.multilabel_soft_margin_loss(logits, batch["label"])
+        loss = F.multilabel_soft_margin_loss(logits.float(), batch["label"])  # fp32 under mixed precision
         self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
