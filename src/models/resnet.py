@@ -48,7 +48,8 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 dilation: int = 1, norm: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> None:
+                 dilation: int = 1, norm: type[nn.BatchNorm2d] = nn.BatchNorm2d, stride_in_1x1: bool = False
+                 ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = norm(planes)
@@ -65,16 +66,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision's "V1.5" bottleneck: the stride sits on the 3x3 conv (as in IRNet's ResNet-50)."""
+    """torchvision's "V1.5" bottleneck: the stride sits on the 3x3 conv (as in IRNet's ResNet-50);
+    ``stride_in_1x1`` puts it on the first 1x1 conv instead (the original MSRA/Caffe ResNet of DeepLab)."""
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 dilation: int = 1, norm: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> None:
+                 dilation: int = 1, norm: type[nn.BatchNorm2d] = nn.BatchNorm2d, stride_in_1x1: bool = False
+                 ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False)
         self.bn1 = norm(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, s3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = norm(planes * 4)
@@ -96,6 +100,11 @@ class ResNet(nn.Module):
     """ResNet trunk (no fc): ``forward`` returns the last feature map, ``forward_stages`` all five.
 
     Stage outputs: 0 = stem (conv1-bn1-relu-maxpool), 1..4 = layer1..layer4.
+
+    The DeepLab (MSRA/Caffe) variant, for weights converted from DeepLab's own init
+    (experiments/tools/convert_deeplab_init.py): ``stride_in_1x1=True``, ``ceil_pool=True`` (max pooling
+    with ceil mode) and ``dilate_first_block=True`` (every block of a dilated layer uses its dilation; the
+    torchvision convention keeps the previous dilation in the first block).
     """
 
     def __init__(
@@ -108,8 +117,12 @@ class ResNet(nn.Module):
         dilations: Sequence[int] = (1, 1, 1, 1),
         norm: str = "batch",
         in_channels: int = 3,
+        stride_in_1x1: bool = False,
+        ceil_pool: bool = False,
+        dilate_first_block: bool = False,
     ) -> None:
         super().__init__()
+        self.stride_in_1x1, self.dilate_first_block = stride_in_1x1, dilate_first_block
         if len(layers) != 4 or len(widths) != 4 or len(strides) != 4 or len(dilations) != 4:
             raise ValueError("ResNet needs 4 entries in layers, widths, strides (conv1, layer2-4) and dilations")
         block_cls = BLOCKS[block]
@@ -118,7 +131,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, stem_width, 7, strides[0], padding=3, bias=False)
         self.bn1 = norm_cls(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=ceil_pool)
         self.inplanes, self.dilation = stem_width, 1
         layer_strides = (1, strides[1], strides[2], strides[3])
         for i in range(4):
@@ -141,9 +154,11 @@ class ResNet(nn.Module):
                 norm_cls(planes * block.expansion),
             )
         # torchvision convention: the first block keeps the previous dilation, the others use the new one
-        layers = [block(self.inplanes, planes, stride, downsample, self.dilation, norm_cls)]
+        first = dilation if self.dilate_first_block else self.dilation
+        layers = [block(self.inplanes, planes, stride, downsample, first, norm_cls, self.stride_in_1x1)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, 1, None, dilation, norm_cls) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, 1, None, dilation, norm_cls, self.stride_in_1x1)
+                   for _ in range(1, blocks)]
         self.dilation = dilation
         return nn.Sequential(*layers)
 
