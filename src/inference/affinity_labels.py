@@ -21,17 +21,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
-import torch
 
-from src.data.datasets import WSSSDataset
 from src.data.voc import IGNORE
-from src.inference.cams import load_seeds
-from src.inference.common import pending_ids, run_predict
 from src.inference.crf import crf_refine_probs
-from src.inference.ir_labels import ir_label_metrics
-from src.pipeline.stage import Stage, StageContext
-from src.utils.io import save_label_png_atomic
+from src.inference.ir_labels import SeedLabelStage
 
 
 def alpha_scores(fg: np.ndarray, alpha: float) -> np.ndarray:
@@ -63,44 +56,17 @@ def affinity_label(fg: np.ndarray, keys: np.ndarray, image: np.ndarray | None, a
     return out.astype(np.uint8)
 
 
-class AffinityLabelModule(pl.LightningModule):
-    """predict_step: affinity labels of a batch (CPU work: reads seeds, runs the CRF twice)."""
-
-    def __init__(self, cam_dir, alpha_low: float, alpha_high: float, crf: Mapping[str, Any] | None) -> None:
-        super().__init__()
-        self.cam_dir, self.alpha_low, self.alpha_high, self.crf = cam_dir, alpha_low, alpha_high, crf
-
-    @torch.no_grad()
-    def predict_step(self, batch: list[dict], batch_idx: int) -> list[tuple[str, np.ndarray]]:
-        out = []
-        for sample in batch:
-            seeds = load_seeds(self.cam_dir, sample["id"])
-            out.append((sample["id"], affinity_label(seeds["high_res"], seeds["keys"], sample["raw"].numpy(),
-                                                     self.alpha_low, self.alpha_high, self.crf)))
-        return out
-
-
-class AffinityLabelStage(Stage):
+class AffinityLabelStage(SeedLabelStage):
     """Label PNGs ``labels/<id>.png`` for AffinityNet (conf/refinement/affinity.yaml ``affinity_labels``)."""
 
-    folder = "labels"
+    metric_name = "aff_label"
 
     def __init__(self, alpha_low: float, alpha_high: float, crf: Mapping[str, Any] | None = None,
                  batch_size: int = 8, inputs: Mapping[str, str] | None = None) -> None:
-        super().__init__(inputs)
+        super().__init__(crf, batch_size, inputs)
         if not 0 < alpha_low <= alpha_high:
             raise ValueError(f"affinity labels need 0 < alpha_low <= alpha_high, got {alpha_low}, {alpha_high}")
-        self.alpha_low, self.alpha_high, self.batch_size = alpha_low, alpha_high, batch_size
-        self.crf = None if crf is None else {k: (dict(v) if hasattr(v, "items") else v) for k, v in crf.items()}
+        self.alpha_low, self.alpha_high = alpha_low, alpha_high
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        from src.inference.cams import CAMSeedStage
-
-        folder = ctx.out_dir / self.folder
-        cam_dir = ctx.input("cams").file(CAMSeedStage.folder)
-        ids = pending_ids(ctx.data.layout.ids(ctx.data.train_split), folder, ".png")
-        dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, None, return_raw=True, ids=ids)
-        module = AffinityLabelModule(cam_dir, self.alpha_low, self.alpha_high, self.crf)
-        run_predict(ctx, module, dataset, lambda i, lab: save_label_png_atomic(folder / f"{i}.png", lab),
-                    self.batch_size)
-        return ir_label_metrics(ctx, folder, name="aff_label")
+    def label(self, scores: np.ndarray, keys: np.ndarray, image: np.ndarray) -> np.ndarray:
+        return affinity_label(scores, keys, image, self.alpha_low, self.alpha_high, self.crf)

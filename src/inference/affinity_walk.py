@@ -104,14 +104,13 @@ class AffinityRandomWalkStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from src.inference.cams import CAMSeedStage
         from src.stages.affinity import load_affinity
-        from src.stages.classification import eval_transform
 
         net = load_affinity(ctx)
         folder = ctx.out_dir / self.folder
         module = AffinityRandomWalk(net, ctx.input("cams").file(CAMSeedStage.folder), self.radius, self.beta,
                                     self.exp_times, self.alpha)
         ids = pending_ids(ctx.data.layout.ids(ctx.data.train_split), folder, ".png")
-        dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, eval_transform(ctx), ids=ids)
+        dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, ctx.eval_transform(), ids=ids)
         run_predict(ctx, module, dataset, lambda i, m: save_label_png_atomic(folder / f"{i}.png", m),
                     self.batch_size)
         return mask_metrics(ctx, folder)

@@ -137,12 +137,11 @@ class CAMSeedStage(Stage):
         return module, [masks] if masks is not None else []
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from src.stages.classification import eval_transform
 
         module, extras = self.build_module(ctx)
         folder = ctx.out_dir / self.folder
         ids = pending_ids(ctx.data.layout.ids(ctx.data.train_split), folder, ".npz")
-        dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, eval_transform(ctx), extras=extras, ids=ids)
+        dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, ctx.eval_transform(), extras=extras, ids=ids)
 
         def write(image_id: str, arrays: dict) -> None:
             save_npz_atomic(folder / f"{image_id}.npz", **arrays)

@@ -7,7 +7,7 @@ first map; background where BOTH say background; every other pixel is 255 (unkno
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -45,46 +45,62 @@ def ir_label(scores: np.ndarray, keys: np.ndarray, image: np.ndarray | None, con
     return out.astype(np.uint8)
 
 
-class IRLabelModule(pl.LightningModule):
-    """predict_step: IR labels of a batch (CPU work: reads seeds, runs the CRF)."""
+class SeedLabelModule(pl.LightningModule):
+    """predict_step: a label map per image from its seeds and raw image (CPU work: the CRF)."""
 
-    def __init__(self, cam_dir, conf_fg: float, conf_bg: float, crf: Mapping[str, Any] | None) -> None:
+    def __init__(self, cam_dir, label: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> None:
         super().__init__()
-        self.cam_dir, self.conf_fg, self.conf_bg, self.crf = cam_dir, conf_fg, conf_bg, crf
+        self.cam_dir, self.label = cam_dir, label
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[tuple[str, np.ndarray]]:
         out = []
         for sample in batch:
             seeds = load_seeds(self.cam_dir, sample["id"])
-            image = sample["raw"].numpy()
-            out.append((sample["id"], ir_label(seeds["high_res"], seeds["keys"], image, self.conf_fg,
-                                               self.conf_bg, self.crf)))
+            out.append((sample["id"], self.label(seeds["high_res"], seeds["keys"], sample["raw"].numpy())))
         return out
 
 
-class IRLabelStage(Stage):
-    folder = "labels"
+class SeedLabelStage(Stage):
+    """Base of the stages that turn seeds into label PNGs ``labels/<id>.png`` (IR labels, affinity labels):
+    subclasses define :meth:`label`; metrics ``train/<metric_name>_coverage`` / ``_accuracy``."""
 
-    def __init__(self, conf_fg: float, conf_bg: float, crf: Mapping[str, Any] | None = None,
-                 batch_size: int = 8, inputs: Mapping[str, str] | None = None) -> None:
+    folder = "labels"
+    metric_name = "label"
+
+    def __init__(self, crf: Mapping[str, Any] | None = None, batch_size: int = 8,
+                 inputs: Mapping[str, str] | None = None) -> None:
         super().__init__(inputs)
-        if not 0 <= conf_bg <= conf_fg <= 1:
-            raise ValueError(f"IR labels need 0 <= conf_bg <= conf_fg <= 1, got {conf_bg}, {conf_fg}")
-        self.conf_fg, self.conf_bg, self.batch_size = conf_fg, conf_bg, batch_size
+        self.batch_size = batch_size
         self.crf = None if crf is None else {k: (dict(v) if hasattr(v, "items") else v) for k, v in crf.items()}
+
+    def label(self, scores: np.ndarray, keys: np.ndarray, image: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from src.inference.cams import CAMSeedStage
 
         folder = ctx.out_dir / self.folder
-        cam_dir = ctx.input("cams").file(CAMSeedStage.folder)
         ids = pending_ids(ctx.data.layout.ids(ctx.data.train_split), folder, ".png")
         dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, None, return_raw=True, ids=ids)
-        module = IRLabelModule(cam_dir, self.conf_fg, self.conf_bg, self.crf)
+        module = SeedLabelModule(ctx.input("cams").file(CAMSeedStage.folder), self.label)
         run_predict(ctx, module, dataset, lambda i, lab: save_label_png_atomic(folder / f"{i}.png", lab),
                     self.batch_size)
-        return ir_label_metrics(ctx, folder)
+        return ir_label_metrics(ctx, folder, self.metric_name)
+
+
+class IRLabelStage(SeedLabelStage):
+    metric_name = "ir_label"
+
+    def __init__(self, conf_fg: float, conf_bg: float, crf: Mapping[str, Any] | None = None,
+                 batch_size: int = 8, inputs: Mapping[str, str] | None = None) -> None:
+        super().__init__(crf, batch_size, inputs)
+        if not 0 <= conf_bg <= conf_fg <= 1:
+            raise ValueError(f"IR labels need 0 <= conf_bg <= conf_fg <= 1, got {conf_bg}, {conf_fg}")
+        self.conf_fg, self.conf_bg = conf_fg, conf_bg
+
+    def label(self, scores: np.ndarray, keys: np.ndarray, image: np.ndarray) -> np.ndarray:
+        return ir_label(scores, keys, image, self.conf_fg, self.conf_bg, self.crf)
 
 
 def ir_label_metrics(ctx: StageContext, folder, name: str = "ir_label") -> dict[str, Any]:

@@ -89,7 +89,6 @@ class IRNRandomWalkStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from src.inference.cams import CAMSeedStage
-        from src.stages.classification import eval_transform
         from src.stages.irn import load_irn
 
         net = load_irn(ctx)
@@ -97,7 +96,7 @@ class IRNRandomWalkStage(Stage):
         module = IRNRandomWalk(net, ctx.input("cams").file(CAMSeedStage.folder), self.crop_size, self.radius,
                                self.beta, self.exp_times, self.bg_threshold)
         ids = pending_ids(ctx.data.layout.ids(ctx.data.train_split), folder, ".png")
-        dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, eval_transform(ctx), ids=ids)
+        dataset = WSSSDataset(ctx.data.layout, ctx.data.train_split, ctx.eval_transform(), ids=ids)
         run_predict(ctx, module, dataset, lambda i, m: save_label_png_atomic(folder / f"{i}.png", m),
                     self.batch_size)
         return mask_metrics(ctx, folder)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import albumentations as A
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -89,6 +90,10 @@ class StageContext:
         if role not in self.inputs:
             raise KeyError(f"stage '{self.name}' needs input '{role}'; it has {sorted(self.inputs)}")
         return self.inputs[role]
+
+    def eval_transform(self) -> A.Compose:
+        """Inference input: the image normalised with the dataset's statistics, nothing else."""
+        return A.Compose([A.Normalize(mean=list(self.data.mean), std=list(self.data.std))])
 
     def loader_kwargs(self) -> dict[str, Any]:
         return dict(self.data.loader)

@@ -13,20 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.data.datamodule import WSSSDataModule
-from src.data.datasets import WSSSDataset
-from src.data.transforms import build_transform
 from src.data.voc import IGNORE
 from src.models.affinity import affinity_labels_in_radius, affinity_loss, pair_affinity, to_label_layout
-from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
-from src.stages.classification import steps_per_epoch
-from src.stages.optim import build_sgd, poly_scheduler
+from src.pipeline.stage import Stage, StageContext
+from src.stages.base import PolySGDModule, fit_on_labels, load_trained_net
 from src.utils.dist import global_mean_count
 
 LOGGED_TERMS = ("bg_loss", "fg_loss", "neg_loss")
@@ -55,12 +50,11 @@ def stride_labels(mask: torch.Tensor, stride: int, num_classes: int) -> torch.Te
     return torch.where(bg >= fg_max + unknown, torch.zeros_like(out), out)
 
 
-class AffinityModule(pl.LightningModule):
+class AffinityModule(PolySGDModule):
     def __init__(self, net: torch.nn.Module, radius: int, num_classes: int, optim: Mapping[str, Any],
                  max_steps: int) -> None:
-        super().__init__()
-        self.net, self.radius, self.num_classes = net, radius, num_classes
-        self.optim, self.max_steps = dict(optim), max_steps
+        super().__init__(net, optim, max_steps)
+        self.radius, self.num_classes = radius, num_classes
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         features = self.net(batch["image"])
@@ -77,18 +71,11 @@ class AffinityModule(pl.LightningModule):
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n)
         return terms["loss"]
 
-    def configure_optimizers(self) -> dict:
-        o = self.optim
-        optimizer = build_sgd(self.net.param_groups(), o["lr"], o["momentum"], o["weight_decay"])
-        scheduler = poly_scheduler(optimizer, self.max_steps, o.get("poly_power", 0.9))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def load_affinity(ctx: StageContext, role: str = "model", stage: str = "affinity") -> torch.nn.Module:
     """The trained AffinityNet of this round, in eval mode (for the random walk)."""
-    net = instantiate(ctx.spec_of(stage).net)
-    load_state(net, ctx.input(role).checkpoint, "net.", f"{stage} network")
-    return net.eval()
+    return load_trained_net(ctx, stage, role)
 
 
 class AffinityStage(Stage):
@@ -104,15 +91,7 @@ class AffinityStage(Stage):
         from src.inference.affinity_labels import AffinityLabelStage
 
         net = instantiate(self.net_cfg)
-        labels = ctx.input("labels").file(AffinityLabelStage.folder)
-        data = ctx.data
-        train = WSSSDataset(data.layout, data.train_split, build_transform(self.augment), target=labels,
-                            seed=ctx.seed)
-        trainer = ctx.make_trainer(max_epochs=self.epochs, checkpointing=True, limit_val_batches=0)
-        max_steps = steps_per_epoch(len(train), self.batch_size, trainer.world_size) * self.epochs
-        module = AffinityModule(net, self.radius, data.num_classes, OmegaConf.to_container(self.optim, resolve=True),
-                                max_steps)
-        dm = WSSSDataModule(train, batch_size=self.batch_size, seed=ctx.seed, **ctx.loader_kwargs())
-        fit_resumable(trainer, module, dm, ctx.out_dir)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        return {"summary": {}, "final": metrics, "max_steps": max_steps}
+        optim = OmegaConf.to_container(self.optim, resolve=True)
+        n = ctx.data.num_classes
+        return fit_on_labels(ctx, ctx.input("labels").file(AffinityLabelStage.folder), self.augment, self.epochs,
+                             self.batch_size, lambda max_steps: AffinityModule(net, self.radius, n, optim, max_steps))

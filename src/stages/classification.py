@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import albumentations as A
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -23,19 +22,19 @@ from src.data.datasets import WSSSDataset
 from src.data.transforms import build_transform
 from src.pipeline.artifacts import Artifact
 from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
+from src.stages.base import PolySGDModule, steps_per_epoch
 from src.stages.context import ContextPrior, build_context
-from src.stages.optim import ParamGroup, build_sgd, poly_scheduler
+from src.stages.optim import ParamGroup
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(PolySGDModule):
     def __init__(self, net: torch.nn.Module, optim: Mapping[str, Any], max_steps: int,
                  context: ContextPrior | None = None, attention_lr_mult: float = 10.0) -> None:
-        super().__init__()
-        self.net, self.context = net, context
-        self.optim, self.max_steps, self.attention_lr_mult = dict(optim), max_steps, attention_lr_mult
+        super().__init__(net, optim, max_steps)
+        self.context, self.attention_lr_mult = context, attention_lr_mult
         k = net.num_classes
         self.val_map = MultilabelAveragePrecision(num_labels=k, average="macro")
         self.val_f1 = MultilabelF1Score(num_labels=k, threshold=0.5, average="macro")
@@ -70,14 +69,11 @@ class ClassificationModule(pl.LightningModule):
         self.val_map.reset()
         self.val_f1.reset()
 
-    def configure_optimizers(self) -> dict:
-        groups = list(self.net.param_groups())
+    def param_groups(self) -> list[ParamGroup]:
+        groups = super().param_groups()
         if self.context is not None:
             groups.append(ParamGroup(self.context.parameters(), self.attention_lr_mult, name="conta_attention"))
-        o = self.optim
-        optimizer = build_sgd(groups, o["lr"], o["momentum"], o["weight_decay"])
-        scheduler = poly_scheduler(optimizer, self.max_steps, o.get("poly_power", 0.9))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return groups
 
 
 def build_classifier(spec: DictConfig, context: Artifact | None, conta_cfg: DictConfig | None
@@ -103,17 +99,6 @@ def load_classifier(ctx: StageContext, role: str = "model", stage: str = "classi
     if prior is not None:
         load_state(prior, checkpoint, "context.", f"{stage} context module")
     return net, prior, masks
-
-
-def eval_transform(ctx: StageContext) -> A.Compose:
-    return A.Compose([A.Normalize(mean=list(ctx.data.mean), std=list(ctx.data.std))])
-
-
-def steps_per_epoch(n_images: int, global_batch: int, world: int) -> int:
-    """Optimiser steps per epoch: whole global batches (the sampler drops the rest), same for 1 and N
-    processes."""
-    per_device = max(1, global_batch // world)
-    return max(1, n_images // (per_device * world))
 
 
 def warm_start(net: torch.nn.Module, source: Artifact, stage_name: str) -> None:
@@ -160,7 +145,7 @@ class ClassificationStage(Stage):
         data = ctx.data
         train = WSSSDataset(data.layout, data.train_split, build_transform(self.augment), extras=extras,
                             seed=ctx.seed)
-        val = WSSSDataset(data.layout, data.val_split, eval_transform(ctx), extras=extras)
+        val = WSSSDataset(data.layout, data.val_split, ctx.eval_transform(), extras=extras)
         trainer = ctx.make_trainer(max_epochs=self.epochs, checkpointing=True)
         max_steps = steps_per_epoch(len(train), self.batch_size, trainer.world_size) * self.epochs
         attention_lr = float(OmegaConf.select(ctx.cfg, "conta.context.attention_lr_mult", default=10.0))

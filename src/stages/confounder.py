@@ -23,7 +23,6 @@ from src.callbacks.confounder_set import ConfounderSetCallback
 from src.data.datasets import WSSSDataset
 from src.inference.common import run_predict, same_size_groups
 from src.pipeline.stage import Stage, StageContext
-from src.stages.classification import eval_transform
 from src.stages.context import CONFOUNDER_FILE, IMAGE_MASK_DIR
 from src.stages.segmentation import MASK_FOLDER, load_segmentation
 from src.utils import dist
@@ -133,11 +132,11 @@ class ConfounderSetStage(Stage):
             target = ctx.inputs["pseudo_masks"].file(MASK_FOLDER) if "pseudo_masks" in ctx.inputs else None
             if target is None:
                 raise ValueError("conta.confounder_set.source=pseudo_masks needs the round's pseudo_masks input")
-        train = WSSSDataset(data.layout, data.train_split, eval_transform(ctx), target=target)
+        train = WSSSDataset(data.layout, data.train_split, ctx.eval_transform(), target=target)
         module = ConfounderPrediction(seg, n, size, self.soft, self.soft_image_mask, target is not None)
         run_predict(ctx, module, train, write, self.batch_size, callbacks=[callback])
         if data.val_split != data.train_split:
-            val = WSSSDataset(data.layout, data.val_split, eval_transform(ctx))
+            val = WSSSDataset(data.layout, data.val_split, ctx.eval_transform())
             run_predict(ctx, ConfounderPrediction(seg, n, size, self.soft, self.soft_image_mask, False), val,
                         write, self.batch_size)
         confounders = callback.confounders

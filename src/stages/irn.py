@@ -11,30 +11,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.data.datamodule import WSSSDataModule
-from src.data.datasets import WSSSDataset
-from src.data.transforms import build_transform
 from src.inference.path_index import PathIndex, affinity_labels
 from src.models.irn import irn_loss_terms
-from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
-from src.stages.classification import steps_per_epoch
-from src.stages.optim import build_sgd, poly_scheduler
+from src.pipeline.stage import Stage, StageContext
+from src.stages.base import PolySGDModule, fit_on_labels, load_trained_net
 from src.utils.dist import global_mean_count
 
 LABEL_STRIDE = 4
 LABEL_OFFSET = 2  # the reference shrinks labels by nearest-neighbour sampling of pixels 4i + 2
 
 
-class IRNModule(pl.LightningModule):
+class IRNModule(PolySGDModule):
     def __init__(self, net: torch.nn.Module, radius: int, optim: Mapping[str, Any], max_steps: int) -> None:
-        super().__init__()
-        self.net, self.radius = net, radius
-        self.optim, self.max_steps = dict(optim), max_steps
+        super().__init__(net, optim, max_steps)
+        self.radius = radius
         self._path_index: dict[tuple[int, int], PathIndex] = {}
 
     def path_index(self, size: tuple[int, int]) -> PathIndex:
@@ -55,17 +49,10 @@ class IRNModule(pl.LightningModule):
         self.log("train/loss", terms["total"], prog_bar=True, batch_size=n)
         return terms["total"]
 
-    def configure_optimizers(self) -> dict:
-        o = self.optim
-        optimizer = build_sgd(self.net.param_groups(), o["lr"], o["momentum"], o["weight_decay"])
-        scheduler = poly_scheduler(optimizer, self.max_steps, o.get("poly_power", 0.9))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def load_irn(ctx: StageContext, role: str = "model", stage: str = "irn") -> torch.nn.Module:
-    net = instantiate(ctx.spec_of(stage).net)
-    load_state(net, ctx.input(role).checkpoint, "net.", f"{stage} network")
-    return net.eval()
+    return load_trained_net(ctx, stage, role)
 
 
 class IRNStage(Stage):
@@ -79,14 +66,6 @@ class IRNStage(Stage):
         from src.inference.ir_labels import IRLabelStage
 
         net = instantiate(self.net_cfg)
-        labels = ctx.input("labels").file(IRLabelStage.folder)
-        data = ctx.data
-        train = WSSSDataset(data.layout, data.train_split, build_transform(self.augment), target=labels,
-                            seed=ctx.seed)
-        trainer = ctx.make_trainer(max_epochs=self.epochs, checkpointing=True, limit_val_batches=0)
-        max_steps = steps_per_epoch(len(train), self.batch_size, trainer.world_size) * self.epochs
-        module = IRNModule(net, self.radius, OmegaConf.to_container(self.optim, resolve=True), max_steps)
-        dm = WSSSDataModule(train, batch_size=self.batch_size, seed=ctx.seed, **ctx.loader_kwargs())
-        fit_resumable(trainer, module, dm, ctx.out_dir)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        return {"summary": {}, "final": metrics, "max_steps": max_steps}
+        optim = OmegaConf.to_container(self.optim, resolve=True)
+        return fit_on_labels(ctx, ctx.input("labels").file(IRLabelStage.folder), self.augment, self.epochs,
+                             self.batch_size, lambda max_steps: IRNModule(net, self.radius, optim, max_steps))

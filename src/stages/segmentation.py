@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -23,21 +22,20 @@ from src.inference.common import pending_ids, run_predict, same_size_groups
 from src.inference.crf import crf_refine_probs
 from src.inference.scoring import score_label_maps
 from src.models.deeplab import msc_forward, msc_loss, predict_probs
-from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
-from src.stages.classification import eval_transform, steps_per_epoch
-from src.stages.optim import build_sgd, poly_scheduler
+from src.pipeline.stage import Stage, StageContext, fit_resumable
+from src.stages.base import PolySGDModule, load_trained_net, steps_per_epoch
+from src.stages.optim import ParamGroup
 from src.utils.dist import global_mean_count
 from src.utils.io import save_label_png_atomic
 
 MASK_FOLDER = "masks"  # where every refinement's last step writes the pseudo-masks
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(PolySGDModule):
     def __init__(self, net: torch.nn.Module, msc_scales: Sequence[float], optim: Mapping[str, Any],
                  max_steps: int, eval_cfg: Mapping[str, Any] | None = None) -> None:
-        super().__init__()
-        self.net, self.msc_scales = net, list(msc_scales)
-        self.optim, self.max_steps = dict(optim), max_steps
+        super().__init__(net, optim, max_steps)
+        self.msc_scales = list(msc_scales)
         self.eval_cfg = dict(eval_cfg or {})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -64,20 +62,14 @@ class SegmentationModule(pl.LightningModule):
                 out.append((sample["id"], p.argmax(0).astype(np.uint8)))
         return out
 
-    def configure_optimizers(self) -> dict:
-        o = self.optim
-        groups = self.net.param_groups(o.get("head_lr_mult", 10.0))
-        optimizer = build_sgd(groups, o["lr"], o["momentum"], o["weight_decay"])
-        scheduler = poly_scheduler(optimizer, self.max_steps, o.get("poly_power", 0.9), o.get("poly_every", 1))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def param_groups(self) -> list[ParamGroup]:
+        return self.net.param_groups(self.optim.get("head_lr_mult", 10.0))
 
 
 def load_segmentation(ctx: StageContext, role: str = "model", stage: str = "segmentation") -> SegmentationModule:
     spec = ctx.spec_of(stage)
-    net = instantiate(spec.net)
-    load_state(net, ctx.input(role).checkpoint, "net.", f"{stage} network")
     eval_cfg = OmegaConf.to_container(spec.eval, resolve=True) if "eval" in spec else {}
-    return SegmentationModule(net.eval(), list(spec.msc_scales), {}, 1, eval_cfg)
+    return SegmentationModule(load_trained_net(ctx, stage, role), list(spec.msc_scales), {}, 1, eval_cfg)
 
 
 class SegmentationStage(Stage):
@@ -111,7 +103,7 @@ class SegmentationStage(Stage):
         for split in data.eval_splits:
             folder = ctx.out_dir / "predictions" / split
             ids = pending_ids(data.layout.ids(split), folder, ".png")
-            dataset = WSSSDataset(data.layout, split, eval_transform(ctx), ids=ids,
+            dataset = WSSSDataset(data.layout, split, ctx.eval_transform(), ids=ids,
                                   return_raw=bool(self.eval_cfg.get("crf")))
             run_predict(ctx, module, dataset, lambda i, m, f=folder: save_label_png_atomic(f / f"{i}.png", m),
                         int(self.eval_cfg.get("batch_size", 8)))
