@@ -15,4 +15,7 @@ BENCHMARKS = (
     "segmentation_train",
     "segmentation_eval",
     "data_loader",
+    "seam_classification_train",
+    "affinity_train",
+    "affinity_walk",
 )

@@ -150,8 +150,9 @@ def settings_from(name: str, args: argparse.Namespace, batch: int, size: int) ->
 # ------------------------------------------------------------------------------------------ configs
 
 
-def compose_config(backbone: str, overrides: Sequence[str] = ()) -> Any:
-    """The pipeline's composed config for IRNet with the quick (tiny) or paper profile, weight files off.
+def compose_config(backbone: str, overrides: Sequence[str] = (), baseline: str = "irnet") -> Any:
+    """The pipeline's composed config for ``baseline`` (conf/baseline/: irnet, seam, ...) with the quick
+    (tiny) or paper profile, weight files off.
 
     The paper profile reads VOC's class count (20) but no data: nothing here touches ``data.root``."""
     from hydra import compose, initialize_config_dir
@@ -160,10 +161,10 @@ def compose_config(backbone: str, overrides: Sequence[str] = ()) -> Any:
     import src  # noqa: F401  (registers the config resolvers)
 
     profile = {"tiny": "quick", "paper": "paper"}[backbone]
-    ov = ["+baseline=irnet", f"profile={profile}", "print_config=false"]
+    ov = [f"+baseline={baseline}", f"profile={profile}", "print_config=false"]
     if backbone == "paper":
         ov += ["data=voc12", "data.root=/nonexistent"]
-        ov += [f"profile.{c}.backbone.weights=null" for c in ("cam", "irn", "deeplab")]
+        ov += [f"profile.{c}.backbone.weights=null" for c in ("cam", "irn", "deeplab", "seam", "affinity")]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[*ov, *overrides])

@@ -36,6 +36,9 @@ CPU_PLAN: dict[str, list[str]] = {
     "segmentation_train": ["--batch", "8", "--size", "64", "--iters", "10"],
     "segmentation_eval": ["--batch", "8", "--size", "64", "--iters", "10"],
     "data_loader": ["--batch", "16", "--iters", "8", "--workers", "0"],
+    "seam_classification_train": ["--batch", "8", "--size", "64", "--iters", "10"],
+    "affinity_train": ["--batch", "8", "--size", "96", "--iters", "10"],
+    "affinity_walk": ["--batch", "2", "--size", "256", "--iters", "2"],
 }
 # ... and on a GPU (the paper profile's networks and crops; VOC-like image and map sizes).
 GPU_PLAN: dict[str, list[str]] = {
@@ -47,6 +50,9 @@ GPU_PLAN: dict[str, list[str]] = {
     "segmentation_train": ["--backbone", "paper", "--iters", "10", "--warmup", "3"],
     "segmentation_eval": ["--backbone", "paper", "--batch", "16", "--iters", "10", "--warmup", "2"],
     "data_loader": ["--backbone", "paper", "--batch", "16", "--iters", "20", "--warmup", "2", "--workers", "8"],
+    "seam_classification_train": ["--backbone", "paper", "--iters", "10", "--warmup", "3"],
+    "affinity_train": ["--backbone", "paper", "--iters", "10", "--warmup", "3"],
+    "affinity_walk": ["--backbone", "paper", "--batch", "8", "--size", "448", "--iters", "3", "--warmup", "1"],
 }
 GPU_OURS = ["--precision", "bf16", "--channels-last"]
 # Benchmarks where --precision / --channels-last / --compile mean nothing (CPU numpy work, the loader).

@@ -13,13 +13,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from src.utils.logging import get_logger
+
+log = get_logger(__name__)
+
 
 class ModelPerformance(pl.Callback):
     def __init__(self, channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
         self.channels_last, self.compile = channels_last, compile
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.channels_last and trainer is not None and trainer.strategy.root_device.type == "cpu":
+            # torch 2.13's oneDNN CPU backward of some channels_last 1x1 stride-2 convs aborts the process
+            # (seen with the quick profile's ResNet-38d; experiments/BENCHMARKS.md): NHWC is a GPU option.
+            log.warning("performance.channels_last is ignored on the CPU")
+            self.channels_last = False
         if self.channels_last:
             pl_module.to(memory_format=torch.channels_last)
         net = getattr(pl_module, "net", None)

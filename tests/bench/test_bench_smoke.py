@@ -1,8 +1,9 @@
 """Every stage benchmark runs one iteration on tiny CPU inputs, so the scripts cannot rot.
 
 No speed is asserted (DESIGN: never assert speed in tests): only that each benchmark runs in both
-modes and returns a well-formed record, that the sparse and dense random walks agree on the
-benchmark's inputs, and that run_all plans every benchmark and tabulates records.
+modes and returns a well-formed record, that the sparse and dense random walks (IRNet's and
+AffinityNet's) agree on the benchmark's inputs, and that run_all plans every benchmark and tabulates
+records.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch
 
 from experiments.bench import BENCHMARKS, common, run_all
 
-# Smallest sizes that still exercise each stage (IRN's pair radius 5 needs a >= 9 px wide stride-4 map).
-SIZES = {"irn_train": 40, "random_walk": 10, "ir_labels": 32, "data_loader": 32}
+# Smallest sizes that still exercise each stage (IRN's pair radius 5 needs a >= 9 px wide stride-4 map,
+# AffinityNet's a >= 9 px wide stride-8 map).
+SIZES = {"irn_train": 40, "random_walk": 10, "ir_labels": 32, "data_loader": 32, "affinity_train": 72}
 
 
 def run_bench(name: str, *extra: str) -> dict:
@@ -49,6 +51,13 @@ def test_training_benchmark_with_bf16_and_channels_last_counts_flops() -> None:
     assert record["fraction_of_bf16_peak"] is None  # no known peak for a CPU
 
 
+@pytest.mark.parametrize("name", ["seam_classification_train", "affinity_train"])
+def test_resnet38d_training_refuses_channels_last_on_cpu(name: str) -> None:
+    # tiny ResNet-38d + NHWC backward aborts the process in oneDNN (see seam_classification_train)
+    with pytest.raises(SystemExit, match="channels-last"):
+        run_bench(name, "--channels-last")
+
+
 def test_random_walk_sparse_equals_dense_on_benchmark_inputs(tmp_path) -> None:
     from experiments.bench import random_walk
 
@@ -56,6 +65,15 @@ def test_random_walk_sparse_equals_dense_on_benchmark_inputs(tmp_path) -> None:
     run_bench("random_walk", "--reference-mode", "--save-output", str(tmp_path / "reference.pt"))
     diff = random_walk.compare_extra(tmp_path)
     assert diff["max_abs_diff"] < 1e-4, diff
+
+
+def test_affinity_walk_sparse_equals_dense_on_benchmark_inputs(tmp_path) -> None:
+    from experiments.bench import affinity_walk
+
+    run_bench("affinity_walk", "--save-output", str(tmp_path / "ours.pt"))
+    run_bench("affinity_walk", "--reference-mode", "--save-output", str(tmp_path / "reference.pt"))
+    diff = affinity_walk.compare_extra(tmp_path)
+    assert diff["max_abs_diff"] < 1e-4 and diff["mask_pixels_differ"] == 0.0, diff
 
 
 def test_compare_record_and_run_all_table() -> None:
