@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from src.data.voc import VOCLayout
-from src.metrics.segmentation import CAMThresholdSweep, confusion_matrix, scores_from_confusion
+from src.metrics.segmentation import CAMThresholdSweep, SegmentationMetric, scores_from_confusion
 from src.utils import dist
 from src.utils.io import load_npz, read_label
 
@@ -29,14 +29,17 @@ def _shard(ids: Sequence[str]) -> Sequence[str]:
 def score_label_maps(layout: VOCLayout, ids: Sequence[str], pred_dir: Path, class_names: Sequence[str]) -> dict:
     """mIoU etc. of ``<pred_dir>/<id>.png`` against the ground truth of ``ids``."""
     n = len(class_names)
-    conf = np.zeros((n, n), np.int64)
+    metric = SegmentationMetric(n, class_names, sync_on_compute=False)  # summed below, NCCL or gloo alike
     for image_id in _shard(ids):
-        pred = read_label(Path(pred_dir) / f"{image_id}.png")
+        path = Path(pred_dir) / f"{image_id}.png"
+        pred = read_label(path)
         gt = _gt(layout, image_id)
         if pred.shape != gt.shape:
-            raise ValueError(f"{pred_dir}/{image_id}.png is {pred.shape}, ground truth is {gt.shape}")
-        conf += confusion_matrix(pred, gt, n)
-    total = dist.all_reduce_sum(torch.from_numpy(conf)).numpy()
+            raise ValueError(f"{path} is {pred.shape}, ground truth is {gt.shape}")
+        if pred.max() >= n:
+            raise ValueError(f"{path} holds class id {int(pred.max())} >= {n} ({n - 1} classes + background)")
+        metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    total = dist.all_reduce_sum(metric.confmat.clone()).numpy()
     out = scores_from_confusion(total, class_names)
     out["images"] = len(ids)
     return out
