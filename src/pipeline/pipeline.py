@@ -91,6 +91,10 @@ def plan(cfg: DictConfig) -> list[list[PlannedStage]]:
             stages.append(PlannedStage(CONFOUNDER_STAGE, r, cfg.conta.confounder_set,
                                        {"model": ("segmentation", r), "pseudo_masks": ("pseudo_masks", r)}))
         rounds.append(stages)
+    stop_after = OmegaConf.select(cfg, "stop_after")
+    if stop_after is not None:
+        names = [st.name for st in rounds[-1]]
+        rounds[-1] = rounds[-1][: names.index(str(stop_after)) + 1]
     return rounds
 
 

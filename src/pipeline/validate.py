@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
+from src.pipeline.pipeline import round_specs
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -105,6 +106,10 @@ def validate(cfg: DictConfig) -> None:
     for stage_key in ("baseline.classification", "baseline.seeds", "segmentation",
                       *[f"baseline.refinement.{k}" for k in cfg.baseline.refinement]):
         _check_stage(cfg, stage_key)
+    stop_after = OmegaConf.select(cfg, "stop_after")
+    stages = list(round_specs(cfg))
+    if stop_after is not None and str(stop_after) not in stages:
+        raise ConfigError(f"stop_after={stop_after!r} is not a stage of baseline {name}; choose one of {stages}")
     _number(cfg, "trainer.devices", 1, integer=True, allow=("auto", -1))
     _number(cfg, "trainer.num_nodes", 1, integer=True)
 

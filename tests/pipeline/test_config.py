@@ -141,6 +141,33 @@ def test_plan_warm_start_inputs(composed, warm, source):
     assert rounds[2][0].inputs["warm_start"] == (source, 1)
 
 
+def test_stop_after_cuts_the_last_round_only(composed):
+    cfg = composed("+baseline=irnet", "+conta=on")
+    cfg.conta.rounds = 1
+    cfg.stop_after = "seeds"
+    rounds = plan(finalize(cfg))
+    assert [st.name for st in rounds[0]] == IRNET_STAGES + [CONFOUNDER_STAGE]  # round 0 feeds round 1
+    assert [st.name for st in rounds[1]] == ["classification", "seeds"]
+    # the stages that run are the same stages (same fingerprints) as in a full run
+    full = composed("+baseline=irnet", "+conta=on")
+    full.conta.rounds = 1
+    full = finalize(full)
+    for a, b in zip(rounds[1], plan(full)[1]):
+        assert stage_fingerprint_spec(cfg, a) == stage_fingerprint_spec(full, b), a.name
+    off = composed("+baseline=seam")
+    off.stop_after = "affinity"
+    assert [st.name for st in plan(finalize(off))[0]] == ["classification", "seeds", "affinity_labels", "affinity"]
+
+
+def test_stop_after_an_unknown_stage_lists_the_stages(composed):
+    cfg = composed("+baseline=seam")
+    cfg.stop_after = "irn"
+    with pytest.raises(ConfigError, match=r"stop_after='irn' is not a stage of baseline seam; choose one of "
+                                          r"\['classification', 'seeds', 'affinity_labels', 'affinity', "
+                                          r"'pseudo_masks', 'segmentation'\]"):
+        finalize(cfg)
+
+
 def test_round0_fingerprint_specs_equal_with_conta_on_and_off(composed):
     on = finalize(composed("+baseline=irnet", "+conta=on"))
     off = finalize(composed("+baseline=irnet"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from src.pipeline.pipeline import run_pipeline
+from src.pipeline.report import write_report
 from src.pipeline.validate import finalize
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,15 @@ def test_irnet_conta_off_runs_every_stage(make_cfg, tmp_path: Path) -> None:
     assert len(list((run / "pseudo_masks" / "masks").glob("*.png"))) == 16
     assert len(list((run / "seeds" / "cams").glob("*.npz"))) == 16
     assert "seed mIoU" in results.table()
+
+    # stop_after=seeds: the same two stages (reused from the cache), nothing after them, a report still
+    partial = run_pipeline(finalize(make_cfg("+baseline=irnet", "stop_after=seeds")), tmp_path / "partial")
+    assert list(partial.rounds[0]["stages"]) == ["classification", "seeds"]
+    assert all(info["reused"] for info in partial.rounds[0]["stages"].values())
+    assert "mask mIoU" not in partial.table() and "seed mIoU" in partial.table()
+    report = write_report(partial, partial.data, tmp_path / "partial")
+    assert "round_0_train.png" in report.read_text()
+    assert not (tmp_path / "partial" / "round_0" / "segmentation").exists()
 
 
 def test_irnet_conta_on_two_rounds_shares_round0_with_conta_off(make_cfg, tmp_path: Path) -> None:
