@@ -24,7 +24,7 @@ more than, or other than, the paper describes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ EPS = 1e-5  # the reference's epsilon in every normalisation below
 SCALE = 0.3  # specs/seam.md: the second branch is the crop rescaled by 0.3
 ECR_TOPK = 0.2  # specs/seam.md: L_ECR keeps the top 20 % errors
 MIN_POOL_FRACTION = 0.25  # specs/seam.md: the min-pool term keeps h*w//4 values
+LOSS_WEIGHTS = {"min_pool": 1.0, "er": 1.0, "ecr": 1.0}  # train_SEAM.py: every term counts once
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -234,6 +235,7 @@ def seam_step_losses(
     scale: float = SCALE,
     topk: float = ECR_TOPK,
     min_pool_fraction: float = MIN_POOL_FRACTION,
+    weights: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All SEAM loss terms of one siamese step, composed as ``train_SEAM.py``.
 
@@ -241,7 +243,11 @@ def seam_step_losses(
     input size by the net); ``labels`` (B, K) multi-hot foreground labels. Returns ``loss`` (the total to
     back-propagate) and its terms: ``cls`` = (cls1 + cls2) / 2, ``min_pool`` = (min_pool1 + min_pool2) / 2,
     ``er``, ``ecr`` = ecr1 + ecr2 (the reference logs ``cls + min_pool`` as its ``loss_cls``).
+    ``weights`` scales ``min_pool``, ``er`` and ``ecr`` in the total (all 1 in the reference; for ablations).
     """
+    weights = {**LOSS_WEIGHTS, **(weights or {})}
+    if set(weights) != set(LOSS_WEIGHTS):
+        raise ValueError(f"SEAM loss weights are {sorted(LOSS_WEIGHTS)}, got {sorted(weights)}")
     n = labels.shape[0]
     mask = torch.cat([labels.new_ones(n, 1), labels], 1).to(cam1.dtype)[..., None, None]
 
@@ -266,5 +272,5 @@ def seam_step_losses(
         "cls1": cls1, "cls2": cls2, "min_pool1": min_pool1, "min_pool2": min_pool2,
         "ecr1": ecr1, "ecr2": ecr2,
     }
-    terms["loss"] = terms["cls"] + terms["min_pool"] + er + terms["ecr"]
+    terms["loss"] = terms["cls"] + sum(w * terms[key] for key, w in weights.items())
     return terms

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from src.models.seam import ECR_TOPK, MIN_POOL_FRACTION, SCALE, rescale, seam_step_losses
+from src.models.seam import ECR_TOPK, LOSS_WEIGHTS, MIN_POOL_FRACTION, SCALE, rescale, seam_step_losses
 from src.stages.classification import ClassificationModule, ClassificationStage
 from src.stages.context import ContextPrior
 
@@ -29,9 +29,11 @@ class SEAMClassificationModule(ClassificationModule):
 
     def __init__(self, net: torch.nn.Module, optim: Mapping[str, Any], max_steps: int,
                  context: ContextPrior | None = None, attention_lr_mult: float = 10.0, scale: float = SCALE,
-                 ecr_topk: float = ECR_TOPK, min_pool_fraction: float = MIN_POOL_FRACTION) -> None:
+                 ecr_topk: float = ECR_TOPK, min_pool_fraction: float = MIN_POOL_FRACTION,
+                 loss_weights: Mapping[str, float] = LOSS_WEIGHTS) -> None:
         super().__init__(net, optim, max_steps, context, attention_lr_mult)
         self.scale, self.ecr_topk, self.min_pool_fraction = scale, ecr_topk, min_pool_fraction
+        self.loss_weights = dict(loss_weights)
 
     def forward(self, image: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         prior = None if self.context is None else self.context(context_mask)
@@ -44,7 +46,7 @@ class SEAMClassificationModule(ClassificationModule):
         cam2, cam_rv2 = self.net(rescale(image, self.scale), prior)
         # the loss terms in fp32 under a bf16/fp16 autocast too (1e-5 epsilons of the normalisations)
         terms = seam_step_losses(cam1.float(), cam_rv1.float(), cam2.float(), cam_rv2.float(), batch["label"],
-                                 self.scale, self.ecr_topk, self.min_pool_fraction)
+                                 self.scale, self.ecr_topk, self.min_pool_fraction, self.loss_weights)
         n = image.shape[0]
         for key in LOGGED_TERMS:
             self.log(f"train/{key}", terms[key], batch_size=n)
@@ -59,11 +61,13 @@ class SEAMClassificationStage(ClassificationStage):
 
     def __init__(self, net: DictConfig, epochs: int, batch_size: int, optim: DictConfig, augment: list,
                  crop_size: int | None = None, scale: float = SCALE, ecr_topk: float = ECR_TOPK,
-                 min_pool_fraction: float = MIN_POOL_FRACTION, inputs: Mapping[str, str] | None = None) -> None:
+                 min_pool_fraction: float = MIN_POOL_FRACTION, loss_weights: Mapping[str, float] = LOSS_WEIGHTS,
+                 inputs: Mapping[str, str] | None = None) -> None:
         super().__init__(net, epochs, batch_size, optim, augment, crop_size, inputs)
         self.scale, self.ecr_topk, self.min_pool_fraction = scale, ecr_topk, min_pool_fraction
+        self.loss_weights = dict(loss_weights)
 
     def make_module(self, net: torch.nn.Module, optim: Mapping[str, Any], max_steps: int,
                     context: ContextPrior | None, attention_lr_mult: float) -> pl.LightningModule:
         return SEAMClassificationModule(net, optim, max_steps, context, attention_lr_mult, self.scale,
-                                        self.ecr_topk, self.min_pool_fraction)
+                                        self.ecr_topk, self.min_pool_fraction, self.loss_weights)

@@ -296,6 +296,21 @@ def test_step_losses_route_gradients_as_reference() -> None:
     torch.testing.assert_close(terms["ecr"], terms["ecr1"] + terms["ecr2"])
 
 
+def test_step_loss_weights_scale_the_terms() -> None:
+    """loss_weights (an ablation option) scale min_pool / er / ecr in the total; the terms stay as they are."""
+    torch.manual_seed(5)
+    cams = [torch.randn(2, 5, 20, 20).abs(), torch.randn(2, 5, 20, 20).abs(),
+            torch.randn(2, 5, 6, 6).abs(), torch.randn(2, 5, 6, 6).abs()]
+    labels = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]])
+    ref = seam_step_losses(*cams, labels)
+    ablated = seam_step_losses(*cams, labels, weights={"er": 0.0, "ecr": 0.5})
+    torch.testing.assert_close(ablated["er"], ref["er"])
+    torch.testing.assert_close(ablated["loss"], ref["cls"] + ref["min_pool"] + 0.5 * ref["ecr"])
+    assert float(ref["er"]) > 0  # so dropping it changes the total
+    with pytest.raises(ValueError, match=r"SEAM loss weights are \['ecr', 'er', 'min_pool'\], got .*'erc'"):
+        seam_step_losses(*cams, labels, weights={"erc": 1.0})
+
+
 # --------------------------------------------------------- one step against an independent numpy version
 
 

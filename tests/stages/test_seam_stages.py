@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
 from src.data.voc import IGNORE
 from src.inference.affinity_labels import affinity_label, alpha_scores
@@ -293,6 +294,12 @@ def test_baseline_configs_compose(make_cfg, baseline: str) -> None:
     # CONTA reaches SEAM's classifier and seeds in round 1 through the context input alone
     assert {st.name for st in rounds[1] if "context" in st.inputs} == {"classification", "seeds"}
     assert cfg.baseline.classification._target_ == "src.stages.seam.SEAMClassificationStage"
+    # the loss weights of the config reach the training module (e.g. an ablation without L_ER)
+    cfg.baseline.classification.loss_weights.er = 0.0
+    stage = instantiate(cfg.baseline.classification, _recursive_=False)
+    net = SEAM(resnet38d("tiny", norm="batch"), num_classes=cfg.data.num_classes, freeze_stem=False)
+    module = stage.make_module(net, OPTIM, 10, None, 1.0)
+    assert module.loss_weights == {"min_pool": 1.0, "er": 0.0, "ecr": 1.0}
     if baseline == "seam_irnet":
         t = cfg.profile.seam.irn_thresholds
         assert cfg.baseline.refinement.ir_labels.conf_fg == t.conf_fg
