@@ -2,7 +2,8 @@
 and a plot of mIoU per round per job (``sweep_miou.png``), in the sweep directory.
 
 Each job's ``results.json`` (src/pipeline/results.py) provides baseline, conta, seed and the per-round
-headline numbers; jobs that failed (no results.json) are listed as such.
+headline numbers; jobs that failed (no results.json) are listed as such. Other swept settings (e.g.
+``profile.cam.lr=0.02,0.05``) go into an ``overrides`` column, read from each job's ``.hydra/overrides.yaml``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.utils.io import write_bytes_atomic, write_text_atomic
 
@@ -30,10 +31,33 @@ COLUMNS = (
 )
 
 
+# Overrides that have their own column.
+OWN_COLUMNS = {"baseline", "conta", "seed"}
+
+
+def job_overrides(job: Path) -> dict[str, str]:
+    """The job's command-line overrides as key -> value (``+`` dropped); {} when Hydra wrote none."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    pairs = (str(o).split("=", 1) for o in OmegaConf.load(path))
+    return {key.lstrip("+~"): value for key, value in (p for p in pairs if len(p) == 2)}
+
+
+def swept_overrides(jobs: list[Path]) -> dict[str, str]:
+    """Per job, the overrides whose value differs between jobs (the swept ones), as ``k=v k2=v2``."""
+    per_job = {job.name: job_overrides(job) for job in jobs}
+    keys = sorted({k for o in per_job.values() for k in o} - OWN_COLUMNS)
+    varying = [k for k in keys if len({o.get(k) for o in per_job.values()}) > 1]
+    return {name: " ".join(f"{k}={o[k]}" for k in varying if k in o) for name, o in per_job.items()}
+
+
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per (job, round) from the job folders under ``sweep_dir``."""
     rows = []
-    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
+    jobs = sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+    overrides = swept_overrides(jobs)
+    for job in jobs:
         results = job / "results.json"
         if not results.is_file():
             rows.append({"job": job.name, "status": "no results.json (failed or still running)"})
@@ -41,7 +65,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         data = json.loads(results.read_text())
         for entry in data["rounds"]:
             row = {"job": job.name, "status": "ok", "baseline": data.get("baseline"), "conta": data.get("conta"),
-                   "seed": data.get("seed"), "round": entry["round"]}
+                   "seed": data.get("seed"), "overrides": overrides[job.name], "round": entry["round"]}
             for title, key in COLUMNS:
                 row[title] = entry["summary"].get(key)
             rows.append(row)
@@ -54,8 +78,14 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Table columns; ``overrides`` only when the sweep varies more than baseline, conta and seed."""
+    swept = any(r.get("overrides") for r in rows)
+    return ["job", "baseline", "conta", "seed", *(["overrides"] if swept else []), "round", *[t for t, _ in COLUMNS]]
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["job", "baseline", "conta", "seed", "round", *[t for t, _ in COLUMNS]]
+    header = table_columns(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row["status"] != "ok":
@@ -72,12 +102,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(11, 3.4))
     metrics = [c for c in COLUMNS if c[0] in ("seed mIoU", "mask mIoU", "seg val")]
     jobs = sorted({r["job"] for r in rows if r["status"] == "ok"})
+    labels = {r["job"]: f"{r['job']} {r['overrides']}".strip() for r in rows if r["status"] == "ok"}
     for k, (title, _) in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
         for job in jobs:
             pts = sorted((r["round"], r[title]) for r in rows if r["job"] == job and r.get(title) is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=job)
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=labels[job])
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
@@ -95,7 +126,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = collect(sweep_dir)
     write_text_atomic(sweep_dir / "sweep_summary.md", "# Sweep summary\n\n" + to_markdown(rows))
     buf = io.StringIO()
-    fields = ["job", "status", "baseline", "conta", "seed", "round", *[t for t, _ in COLUMNS]]
+    fields = ["job", "status", *table_columns(rows)[1:]]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -66,3 +66,20 @@ def test_sweep_summary_lists_every_job_and_round(tmp_path: Path) -> None:
         table = list(csv.DictReader(f))
     assert [r["round"] for r in table if r["job"].startswith("0_")] == ["0", "1", "2"]
     assert (tmp_path / "sweep_miou.png").stat().st_size > 1000
+
+
+def test_sweep_summary_shows_swept_settings(tmp_path: Path) -> None:
+    """Jobs that differ by more than baseline/conta/seed get an overrides column with what differs."""
+    for num, lr in enumerate(("0.02", "0.05")):
+        job = tmp_path / f"{num}_seam_conta-off_seed0"
+        fake_job(job, "seam", "off", 0, [0.4 + num / 10])
+        (job / ".hydra").mkdir()
+        (job / ".hydra" / "overrides.yaml").write_text(
+            f"- +baseline=seam\n- stop_after=seeds\n- profile.seam.lr={lr}\n- seed=0\n")
+    write_summary(tmp_path)
+    md = (tmp_path / "sweep_summary.md").read_text()
+    assert "| job | baseline | conta | seed | overrides | round |" in md
+    assert "| 0_seam_conta-off_seed0 | seam | off | 0 | profile.seam.lr=0.02 | 0 | 30.0 |" in md
+    assert "| 1_seam_conta-off_seed0 | seam | off | 0 | profile.seam.lr=0.05 | 0 | 30.0 |" in md
+    with open(tmp_path / "sweep_summary.csv") as f:
+        assert [r["overrides"] for r in csv.DictReader(f)] == ["profile.seam.lr=0.02", "profile.seam.lr=0.05"]
