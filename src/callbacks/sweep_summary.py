@@ -97,23 +97,25 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 3.4))
-    metrics = [c for c in COLUMNS if c[0] in ("seed mIoU", "mask mIoU", "seg val")]
-    jobs = sorted({r["job"] for r in rows if r["status"] == "ok"})
-    labels = {r["job"]: f"{r['job']} {r['overrides']}".strip() for r in rows if r["status"] == "ok"}
-    for k, (title, _) in enumerate(metrics):
+    done = [r for r in rows if r["status"] == "ok"]
+    # metrics some job reached (a stop_after=seeds sweep has no mask / segmentation numbers)
+    metrics = [t for t in ("seed mIoU", "mask mIoU", "seg val") if any(r.get(t) is not None for r in done)]
+    jobs = sorted({r["job"] for r in done})
+    labels = {r["job"]: f"{r['job']} {r['overrides']}".strip() for r in done}
+    rounds = sorted({r["round"] for r in done})
+    for k, title in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
         for job in jobs:
-            pts = sorted((r["round"], r[title]) for r in rows if r["job"] == job and r.get(title) is not None)
+            pts = sorted((r["round"], r[title]) for r in done if r["job"] == job and r.get(title) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=labels[job])
         ax.set_title(title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(rounds)
         ax.set_xlabel("round")
         ax.set_ylabel("mIoU (%)")
-    if jobs:
+    if fig.axes:
         fig.axes[-1].legend(fontsize=6, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
