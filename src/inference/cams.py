@@ -23,6 +23,9 @@ from src.inference.common import pending_ids, run_predict, same_size_groups
 from src.inference.scoring import score_cams
 from src.pipeline.stage import Stage, StageContext
 from src.utils.io import load_npz, save_npz_atomic
+from src.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 CamFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -160,6 +163,10 @@ def seed_metrics(ctx: StageContext, folder: Path, eval_threshold: float, thresho
         "train/seed_best_miou": res["best"]["miou"],
         "train/seed_best_threshold": res["best_threshold"],
     }
+    if res["best_threshold"] >= max(thresholds) and max(thresholds) < 1.0:
+        res["note"] = (f"the best seed threshold {res['best_threshold']:g} is the upper end of the sweep: the best "
+                       "may lie above it; widen baseline.seeds.sweep_thresholds.stop to find it")
+        log.warning(res["note"])
     return res
 
 

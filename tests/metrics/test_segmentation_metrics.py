@@ -236,3 +236,22 @@ def test_score_cams_reads_npz(tiny_layout, tmp_path):
     assert out["miou_per_threshold"][0.3] == pytest.approx(scores_from_confusion(conf03)["miou"])
     assert out["best_threshold"] == 0.3
     assert out["threshold"] == 0.5 and out["images"] == 2
+
+
+def test_seed_metrics_says_when_the_best_threshold_is_the_sweeps_end(tiny_layout, tmp_path):
+    """A best threshold at the upper end of the sweep is a lower bound: the run says so (note + log)."""
+    from types import SimpleNamespace
+
+    from src.inference.cams import seed_metrics
+
+    layout, _ = tiny_layout
+    save_npz_atomic(tmp_path / "cams" / "a.npz", high_res=np.array([[[0.1, 0.9], [0.4, 0.8]]]), keys=np.array([1]))
+    save_npz_atomic(tmp_path / "cams" / "b.npz", high_res=np.array([[[0.6, 0.2], [0.1, 0.1]]]), keys=np.array([2]))
+    data = SimpleNamespace(layout=layout, class_names=["background", "x", "y"], seed_eval_ids=lambda: ["a", "b"])
+    ctx = SimpleNamespace(data=data)
+    # 0.05 labels the 0.1 background pixels as foreground, 0.1 does not: the best is the top of the sweep
+    capped = seed_metrics(ctx, tmp_path / "cams", 0.1, [0.05, 0.1])
+    assert capped["summary"]["train/seed_best_threshold"] == 0.1
+    assert "upper end of the sweep" in capped["note"] and "baseline.seeds.sweep_thresholds.stop" in capped["note"]
+    inside = seed_metrics(ctx, tmp_path / "cams", 0.1, [0.05, 0.1, 0.3])
+    assert inside["summary"]["train/seed_best_threshold"] == 0.1 and "note" not in inside
