@@ -60,7 +60,9 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     for job in jobs:
         results = job / "results.json"
         if not results.is_file():
-            rows.append({"job": job.name, "status": "no results.json (failed or still running)"})
+            dry = (job / "plan.txt").is_file()  # written by dry_run=true instead of results
+            rows.append({"job": job.name, "status": "dry run: plan.txt" if dry else
+                         "no results.json (failed or still running)"})
             continue
         data = json.loads(results.read_text())
         for entry in data["rounds"]:

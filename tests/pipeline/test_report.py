@@ -57,8 +57,11 @@ def test_sweep_summary_lists_every_job_and_round(tmp_path: Path) -> None:
     fake_job(tmp_path / "0_irnet_conta-on_seed0", "irnet", "on", 0, [0.5, 0.55, 0.6])
     fake_job(tmp_path / "1_irnet_conta-off_seed0", "irnet", "off", 0, [0.5])
     (tmp_path / "2_seam_conta-on_seed0").mkdir()  # a failed job: no results.json
+    (tmp_path / "3_seam_conta-off_seed0").mkdir()
+    (tmp_path / "3_seam_conta-off_seed0" / "plan.txt").write_text("round 0: classification -> seeds\n")
     rows = write_summary(tmp_path)
-    assert len(rows) == 5
+    assert len(rows) == 6
+    assert "| 3_seam_conta-off_seed0 | dry run: plan.txt |" in (tmp_path / "sweep_summary.md").read_text()
     md = (tmp_path / "sweep_summary.md").read_text()
     assert "| 0_irnet_conta-on_seed0 | irnet | on | 0 | 2 | 32.0 | - | - | 60.0 | - |" in md
     assert "2_seam_conta-on_seed0 | no results.json" in md
