@@ -54,8 +54,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with common.PeakMemory(s.device) as mem:
         net = common.prepare_net(instantiate(spec.net), s, train=True)
         module = AffinityModule(net, radius, num_classes, common.to_container(spec.optim), max_steps=100_000)
-        opt = module.configure_optimizers()
-        optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
         x = torch.randn(s.batch, 3, s.size, s.size, generator=gen).to(s.device)
         x = x.contiguous(memory_format=s.memory_format())
         labels_host = ir_label_maps(s.batch, s.size, s.seed)
@@ -69,8 +67,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             host_pairs = [torch.stack(t) for t in zip(*per_image)]
             if s.device.type == "cuda":  # the reference's loader pins its batches
                 host_pairs = [t.pin_memory() for t in host_pairs]
-        forward = common.maybe_compile(net, s)
-        scaler = common.grad_scaler(s)
 
         def pair_labels() -> tuple[torch.Tensor, ...]:
             if s.reference:
@@ -83,19 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             aff = to_label_layout(pair_affinity(features.float(), radius), radius)  # fp32, as AffinityModule
             return affinity_loss(aff, bg_pos, fg_pos, neg, count=global_mean_count)["loss"]
 
-        flops = common.count_flops(lambda: loss_of(net).backward())
-        optimizer.zero_grad(set_to_none=True)
-
-        def step() -> None:
-            with s.autocast():
-                loss = loss_of(forward)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-
-        seconds = common.timed(step, s)
+        seconds, flops = common.time_training(module, net, loss_of, s)
     images = s.batch * s.iters
     n_src = (h - radius + 1) * (w - 2 * (radius - 1))  # source pixels of the label region (label_region)
     return common.make_result(s, images, seconds, mem, radius=radius, grid=[int(h), int(w)],

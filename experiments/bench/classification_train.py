@@ -50,27 +50,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with common.PeakMemory(s.device) as mem:
         net = common.prepare_net(instantiate(spec.net), s, train=True)
         module = ClassificationModule(net, common.to_container(spec.optim), max_steps=100_000)
-        opt = module.configure_optimizers()
-        optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
         x = torch.randn(s.batch, 3, s.size, s.size, generator=gen).to(s.device)
         x = x.contiguous(memory_format=s.memory_format())
         y = random_labels(s.batch, net.num_classes, gen).to(s.device)
 
-        flops = common.count_flops(lambda: F.multilabel_soft_margin_loss(net(x), y).backward())
-        optimizer.zero_grad(set_to_none=True)
-        forward = common.maybe_compile(net, s)
-        scaler = common.grad_scaler(s)
-
-        def step() -> None:
-            with s.autocast():  # Lightning's mixed precision: the loss is computed under autocast too
-                loss = F.multilabel_soft_margin_loss(forward(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-
-        seconds = common.timed(step, s)
+        seconds, flops = common.time_training(module, net, lambda f: F.multilabel_soft_margin_loss(f(x), y), s)
     images = s.batch * s.iters
     return common.make_result(s, images, seconds, mem,
                               **common.flops_fields(flops // s.batch, images / seconds, s))

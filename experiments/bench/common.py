@@ -227,6 +227,30 @@ def timed(step: Callable[[], Any], s: Settings) -> Timing:
     return Timing(blocks)
 
 
+def time_training(module: Any, net: torch.nn.Module, loss_of: Callable[[Callable], torch.Tensor],
+                  s: Settings) -> tuple[Timing, int]:
+    """Time the training steps of a stage as Lightning runs them: ``loss_of(forward)`` under autocast, the
+    grad scaler (fp16), the stage module's optimizer and lr schedule. Returns the timing and the FLOPs of one
+    eager forward + backward (counted first, on ``net`` itself, not the compiled one)."""
+    opt = module.configure_optimizers()
+    optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    flops = count_flops(lambda: loss_of(net).backward())
+    optimizer.zero_grad(set_to_none=True)
+    forward = maybe_compile(net, s)
+    scaler = grad_scaler(s)
+
+    def step() -> None:
+        with s.autocast():  # Lightning's mixed precision: the loss is computed under autocast too
+            loss = loss_of(forward)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    return timed(step, s), flops
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -60,8 +60,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         net = common.prepare_net(instantiate(spec.net), s, train=True)
         module = SEAMClassificationModule(net, common.to_container(spec.optim), max_steps=100_000, scale=scale,
                                           ecr_topk=topk, min_pool_fraction=min_pool)
-        opt = module.configure_optimizers()
-        optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
         x = torch.randn(s.batch, 3, s.size, s.size, generator=gen).to(s.device)
         x = x.contiguous(memory_format=s.memory_format())
         y = random_labels(s.batch, net.num_classes, gen).to(s.device)
@@ -73,21 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return seam_step_losses(cam1.float(), cam_rv1.float(), cam2.float(), cam_rv2.float(), y, scale,
                                     topk, min_pool)["loss"]
 
-        flops = common.count_flops(lambda: loss_of(net).backward())
-        optimizer.zero_grad(set_to_none=True)
-        forward = common.maybe_compile(net, s)
-        scaler = common.grad_scaler(s)
-
-        def step() -> None:
-            with s.autocast():
-                loss = loss_of(forward)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-
-        seconds = common.timed(step, s)
+        seconds, flops = common.time_training(module, net, loss_of, s)
     images = s.batch * s.iters
     return common.make_result(s, images, seconds, mem, scale=scale,
                               **common.flops_fields(flops // s.batch, images / seconds, s))

@@ -48,26 +48,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with common.PeakMemory(s.device) as mem:
         net = common.prepare_net(instantiate(spec.net), s, train=True)
         module = SegmentationModule(net, scales, common.to_container(spec.optim), max_steps=100_000)
-        opt = module.configure_optimizers()
-        optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
         x = torch.randn(s.batch, 3, s.size, s.size, generator=gen).to(s.device)
         x = x.contiguous(memory_format=s.memory_format())
         target = label_maps(s.batch, s.size, s.seed).to(s.device)
-        forward = common.maybe_compile(net, s)
-        flops = common.count_flops(lambda: msc_loss(msc_forward(net, x, scales), target).backward())
-        optimizer.zero_grad(set_to_none=True)
-        scaler = common.grad_scaler(s)
 
-        def step() -> None:
-            with s.autocast():
-                loss = msc_loss(msc_forward(forward, x, scales), target)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-
-        seconds = common.timed(step, s)
+        seconds, flops = common.time_training(module, net, lambda f: msc_loss(msc_forward(f, x, scales), target), s)
     images = s.batch * s.iters
     return common.make_result(s, images, seconds, mem, msc_scales=scales,
                               **common.flops_fields(flops // s.batch, images / seconds, s))
