@@ -15,13 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from src.data.voc import IGNORE
 from src.models.affinity import affinity_labels_in_radius, affinity_loss, pair_affinity, to_label_layout
-from src.pipeline.stage import Stage, StageContext
-from src.stages.base import PolySGDModule, fit_on_labels, load_trained_net
+from src.pipeline.stage import StageContext
+from src.stages.base import PolySGDModule, RefinerTrainingStage, load_trained_net
 from src.utils.dist import global_mean_count
 
 LOGGED_TERMS = ("bg_loss", "fg_loss", "neg_loss")
@@ -72,26 +70,18 @@ class AffinityModule(PolySGDModule):
         return terms["loss"]
 
 
-
 def load_affinity(ctx: StageContext, role: str = "model", stage: str = "affinity") -> torch.nn.Module:
     """The trained AffinityNet of this round, in eval mode (for the random walk)."""
     return load_trained_net(ctx, stage, role)
 
 
-class AffinityStage(Stage):
+class AffinityStage(RefinerTrainingStage):
     """Trains AffinityNet on ``labels`` (conf/refinement/affinity.yaml ``affinity``); writes ``model.ckpt``."""
 
-    def __init__(self, net: DictConfig, radius: int, epochs: int, batch_size: int, optim: DictConfig,
-                 augment: list, inputs: Mapping[str, str] | None = None) -> None:
-        super().__init__(inputs)
-        self.net_cfg, self.radius, self.epochs, self.batch_size = net, radius, epochs, batch_size
-        self.optim, self.augment = optim, augment
-
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def labels_folder(self) -> str:
         from src.inference.affinity_labels import AffinityLabelStage
 
-        net = instantiate(self.net_cfg)
-        optim = OmegaConf.to_container(self.optim, resolve=True)
-        n = ctx.data.num_classes
-        return fit_on_labels(ctx, ctx.input("labels").file(AffinityLabelStage.folder), self.augment, self.epochs,
-                             self.batch_size, lambda max_steps: AffinityModule(net, self.radius, n, optim, max_steps))
+        return AffinityLabelStage.folder
+
+    def make_module(self, net: torch.nn.Module, optim: dict, max_steps: int, ctx: StageContext) -> AffinityModule:
+        return AffinityModule(net, self.radius, ctx.data.num_classes, optim, max_steps)

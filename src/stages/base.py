@@ -3,18 +3,18 @@ rebuilding a trained network from its checkpoint, and fitting a refiner on a sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from src.data.datamodule import WSSSDataModule
 from src.data.datasets import WSSSDataset
 from src.data.transforms import build_transform
-from src.pipeline.stage import StageContext, fit_resumable, load_state
+from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
 from src.stages.optim import ParamGroup, build_sgd, poly_scheduler
 
 
@@ -52,15 +52,33 @@ def load_trained_net(ctx: StageContext, stage: str, role: str = "model") -> torc
     return net.eval()
 
 
-def fit_on_labels(ctx: StageContext, labels: Path, augment: list, epochs: int, batch_size: int,
-                  make_module: Callable[[int], pl.LightningModule]) -> dict[str, Any]:
-    """Train a refiner on the train split's images with a stage's label maps (``labels/<id>.png``) as the
-    pixel target; ``make_module(max_steps)`` builds the LightningModule. Returns the stage metrics."""
-    data = ctx.data
-    train = WSSSDataset(data.layout, data.train_split, build_transform(augment), target=labels, seed=ctx.seed)
-    trainer = ctx.make_trainer(max_epochs=epochs, checkpointing=True, limit_val_batches=0)
-    max_steps = steps_per_epoch(len(train), batch_size, trainer.world_size) * epochs
-    dm = WSSSDataModule(train, batch_size=batch_size, seed=ctx.seed, **ctx.loader_kwargs())
-    fit_resumable(trainer, make_module(max_steps), dm, ctx.out_dir)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    return {"summary": {}, "final": metrics, "max_steps": max_steps}
+class RefinerTrainingStage(Stage):
+    """A refiner (IRN, AffinityNet) trained on the label maps of its ``labels`` input
+    (``<label folder>/<id>.png``, the pixel target) over the train split's images; writes ``model.ckpt``.
+    Subclasses give the LightningModule and the folder of their label stage."""
+
+    def __init__(self, net: DictConfig, radius: int, epochs: int, batch_size: int, optim: DictConfig,
+                 augment: list, inputs: Mapping[str, str] | None = None) -> None:
+        super().__init__(inputs)
+        self.net_cfg, self.radius, self.epochs, self.batch_size = net, radius, epochs, batch_size
+        self.optim, self.augment = optim, augment
+
+    def labels_folder(self) -> str:
+        raise NotImplementedError
+
+    def make_module(self, net: torch.nn.Module, optim: dict, max_steps: int, ctx: StageContext) -> pl.LightningModule:
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        net = instantiate(self.net_cfg)
+        optim = OmegaConf.to_container(self.optim, resolve=True)
+        data = ctx.data
+        labels = ctx.input("labels").file(self.labels_folder())
+        train = WSSSDataset(data.layout, data.train_split, build_transform(self.augment), target=labels,
+                            seed=ctx.seed)
+        trainer = ctx.make_trainer(max_epochs=self.epochs, checkpointing=True, limit_val_batches=0)
+        max_steps = steps_per_epoch(len(train), self.batch_size, trainer.world_size) * self.epochs
+        dm = WSSSDataModule(train, batch_size=self.batch_size, seed=ctx.seed, **ctx.loader_kwargs())
+        fit_resumable(trainer, self.make_module(net, optim, max_steps, ctx), dm, ctx.out_dir)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return {"summary": {}, "final": metrics, "max_steps": max_steps}

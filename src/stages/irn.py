@@ -12,13 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from src.inference.path_index import PathIndex, affinity_labels
 from src.models.irn import irn_loss_terms
-from src.pipeline.stage import Stage, StageContext
-from src.stages.base import PolySGDModule, fit_on_labels, load_trained_net
+from src.pipeline.stage import StageContext
+from src.stages.base import PolySGDModule, RefinerTrainingStage, load_trained_net
 from src.utils.dist import global_mean_count
 
 LABEL_STRIDE = 4
@@ -50,22 +48,17 @@ class IRNModule(PolySGDModule):
         return terms["total"]
 
 
-
 def load_irn(ctx: StageContext, role: str = "model", stage: str = "irn") -> torch.nn.Module:
     return load_trained_net(ctx, stage, role)
 
 
-class IRNStage(Stage):
-    def __init__(self, net: DictConfig, radius: int, epochs: int, batch_size: int, optim: DictConfig,
-                 augment: list, inputs: Mapping[str, str] | None = None) -> None:
-        super().__init__(inputs)
-        self.net_cfg, self.radius, self.epochs, self.batch_size = net, radius, epochs, batch_size
-        self.optim, self.augment = optim, augment
+class IRNStage(RefinerTrainingStage):
+    """Trains IRN on the IR labels (conf/refinement/irn.yaml ``irn``); writes ``model.ckpt``."""
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def labels_folder(self) -> str:
         from src.inference.ir_labels import IRLabelStage
 
-        net = instantiate(self.net_cfg)
-        optim = OmegaConf.to_container(self.optim, resolve=True)
-        return fit_on_labels(ctx, ctx.input("labels").file(IRLabelStage.folder), self.augment, self.epochs,
-                             self.batch_size, lambda max_steps: IRNModule(net, self.radius, optim, max_steps))
+        return IRLabelStage.folder
+
+    def make_module(self, net: torch.nn.Module, optim: dict, max_steps: int, ctx: StageContext) -> IRNModule:
+        return IRNModule(net, self.radius, optim, max_steps)
