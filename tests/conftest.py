@@ -17,7 +17,8 @@ import src  # noqa: F401  (registers the config resolvers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SHARED = ROOT.parent / "shared"
+# The team's shared folder (reference oracles, real VOC files): next to the checkout, or $WSSS_SHARED_DIR.
+SHARED = Path(os.environ.get("WSSS_SHARED_DIR", ROOT.parent / "shared"))
 
 # A synthetic set and schedules small enough for a few seconds per stage on one CPU core.
 TINY_DATA = [
@@ -84,7 +85,8 @@ def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test with the reason (a user's clone has no shared folder)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not found: this test needs the team's shared folder next to the checkout")
+        pytest.skip(f"{path} not found: this test needs the team's shared folder next to the checkout "
+                    "(or WSSS_SHARED_DIR=/path/to/shared)")
     return path
 
 

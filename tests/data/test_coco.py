@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import SHARED
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -24,8 +25,8 @@ from src.data.datasets import WSSSDataset
 from src.utils.io import read_label
 
 SPLIT = "val2014"
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "voc_samples"
-EXCERPT = SHARED / "coco" / "instances_val2014.json_samples.json"
+SAMPLES = SHARED / "data" / "voc_samples"
+EXCERPT = SAMPLES / "coco" / "instances_val2014.json_samples.json"
 
 PERSON, CAR, DOG = 1, 2, 3
 SIZES = {1: (40, 60), 2: (30, 50), 5: (48, 64)}  # image id -> (H, W)

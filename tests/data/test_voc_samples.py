@@ -12,20 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED
 from PIL import Image
 
 from src.data.datasets import WSSSDataset
 from src.data.voc import VOC_CLASSES, VOCLayout, decode_int_id
 from src.utils.io import read_image, read_label, save_label_png_atomic
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "voc_samples"
-VOC = SHARED / "VOCdevkit" / "VOC2012"
-LISTS = SHARED / "lists"
+SAMPLES = SHARED / "data" / "voc_samples"
+VOC = SAMPLES / "VOCdevkit" / "VOC2012"
+LISTS = SAMPLES / "lists"
 PSA_LISTS = LISTS / "psa_seam_format"
-PALETTE_AUG = SHARED / "variants" / "SegmentationClassAug_palette"
+PALETTE_AUG = SAMPLES / "variants" / "SegmentationClassAug_palette"
 
 pytestmark = pytest.mark.skipif(
-    not VOC.is_dir(), reason=f"shared VOC samples not found at {SHARED} (a checkout without ../shared)"
+    not VOC.is_dir(), reason=f"shared VOC samples not found at {SAMPLES} (no ../shared, no $WSSS_SHARED_DIR)"
 )
 
 # id -> (width, height, mask values, border (255) pixel count), from SOURCES.md

@@ -6,11 +6,10 @@ INDEX.md there documents every array. Tolerances follow INDEX.md (rtol 1e-4, ato
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
 from src.inference.path_index import PathIndex, affinity_labels
 from src.models.irn import (
@@ -24,9 +23,9 @@ from src.models.irn import (
 )
 from src.stages.optim import ParamGroup, build_sgd, poly_scheduler
 
-ORACLES = Path(__file__).resolve().parents[2].parent / "shared" / "oracles" / "irnet"
+ORACLES = SHARED / "oracles" / "irnet"
 if not ORACLES.is_dir():
-    pytest.skip("../shared/oracles/irnet not found: reference cases need the team's shared folder",
+    pytest.skip(f"{ORACLES} not found: reference cases need the team's shared folder (../shared or $WSSS_SHARED_DIR)",
                 allow_module_level=True)
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -12,11 +12,11 @@ import gc
 import hashlib
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
 from src.inference.pairs import half_plane_offsets
 from src.models.affinity import affinity_labels_in_radius, affinity_loss
@@ -24,9 +24,9 @@ from src.models.resnet38d import ResNet38d, load_state_strict
 from src.models.seam import SEAM, max_norm
 from src.stages.optim import ParamGroup, build_sgd, poly_scheduler
 
-ORACLES = Path(__file__).resolve().parents[2].parent / "shared" / "oracles" / "seam"
+ORACLES = SHARED / "oracles" / "seam"
 if not ORACLES.is_dir():
-    pytest.skip("../shared/oracles/seam not found: reference cases need the team's shared folder",
+    pytest.skip(f"{ORACLES} not found: reference cases need the team's shared folder (../shared or $WSSS_SHARED_DIR)",
                 allow_module_level=True)
 
 RTOL, ATOL = 1e-4, 1e-5
