@@ -1,7 +1,8 @@
 """Entry point: ``python -m src.run +baseline=irnet +conta=on`` (Hydra app; config in conf/).
 
 Composes the config, checks it, runs the pipeline (src/pipeline) and prints the results table.
-Returns the last round's segmentation mIoU on val, the number a sweep optimises.
+Returns the last round's ``optimized_metric`` (default: segmentation mIoU on the val split), the number a
+sweep optimises.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from src.pipeline.pipeline import describe_plan, plan, prepare_data, run_pipeline
+from src.pipeline.pipeline import prepare_data, run_pipeline
+from src.pipeline.plan import describe_plan, plan
 from src.pipeline.report import write_report
 from src.pipeline.validate import ConfigError, check_writable, finalize
 from src.utils import dist
@@ -72,12 +74,9 @@ def main(cfg: DictConfig) -> float | None:
         path = results.write()
         tensorboard = "TensorBoard" in str(OmegaConf.select(cfg, "logger._target_", default=""))
         report = write_report(results, results.data, run_dir,
-                              seed_threshold=float(OmegaConf.select(cfg, "baseline.seeds.eval_threshold",
-                                                                    default=0.15)),
                               tensorboard_dir=run_dir / "logs" / "report" if tensorboard else None)
         log.info(f"results: {path}\nreport: {report}\n{results.table()}")
-    last = results.summary(max(results.rounds)) if results.rounds else {}
-    return last.get("segmentation/val/miou")
+    return results.optimized()
 
 
 if __name__ == "__main__":

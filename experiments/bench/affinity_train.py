@@ -40,9 +40,11 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import src.data.synthetic  # noqa: F401  (imported outside the memory measurement)
-    from src.inference.pairs import half_plane_offsets
-    from src.models.affinity import affinity_labels_in_radius, affinity_loss, pair_affinity, to_label_layout
-    from src.stages.affinity import AffinityModule, stride_labels
+    from src.models.affinity import pair_affinity
+    from src.ops.labels import stride_labels
+    from src.ops.losses import affinity_loss
+    from src.ops.pairs import affinity_labels_in_radius, half_plane_offsets, to_label_layout
+    from src.stages.affinity import AffinityModule
     from src.utils.dist import global_mean_count
 
     cfg = common.compose_config(args.backbone, baseline="seam")

@@ -3,13 +3,13 @@
 Why: the reference (PSA/SEAM infer_aff.py) runs the AffinityNet on one image at a time, builds the dense
 (hw x hw) affinity matrix of the stride-8 grid, raises it to the power beta, column-normalises it and
 squares it ``exp_times`` (SEAM: 6) times: at a 448 px image (56 x 56 grid) a 38 MiB matrix and ~0.37 TFLOP
-per image. Ours is the pseudo-mask stage's path (``src.inference.affinity_walk.AffinityRandomWalk.walk``):
+per image. Ours is the pseudo-mask stage's path (``src.stages.pseudo_masks.AffinityRandomWalk.walk``):
 the net on a batch of B same-size images (padded to a multiple of the stride), ``pair_affinity`` in fp32,
 the alpha-power seed scores pooled to the grid, and IRNet's sparse CSR ``random_walk`` applied
 2 ** exp_times times over the batch; then per image the bilinear upsampling, crop and argmax to the label
 map (``walk_labels``); with the requested precision, memory format and compile of the net. Reference
 mode: the same pieces one image at a time, fp32, NCHW, eager, with the dense walk
-(``src.inference.random_walk.random_walk_dense``). Seeds are in memory in both modes (the stage reads
+(``src.ops.random_walk.random_walk_dense``). Seeds are in memory in both modes (the stage reads
 them from .npz files). ``--size`` is the image side (the grid is size / 8). With ``--compare`` both run
 on the same inputs and net weights and the max abs difference of their walked scores (and the fraction
 of label-map pixels that differ) is printed. Inputs: synthetic-set images and, as seeds, blurred object
@@ -58,10 +58,10 @@ def make_inputs(batch: int, size: int, classes: int, seed: int, mean: Sequence[f
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import src.data.synthetic  # noqa: F401  (imported outside the memory measurement)
-    from src.inference.affinity_walk import AffinityRandomWalk, pooled_scores, walk_labels
-    from src.inference.pairs import half_plane_offsets
-    from src.inference.random_walk import random_walk_dense
     from src.models.affinity import pair_affinity
+    from src.ops.pairs import half_plane_offsets
+    from src.ops.random_walk import pooled_scores, random_walk_dense, walk_labels
+    from src.stages.pseudo_masks import AffinityRandomWalk
 
     cfg = common.compose_config(args.backbone, baseline="seam")
     spec = cfg.baseline.refinement.pseudo_masks

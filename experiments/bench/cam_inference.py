@@ -1,9 +1,10 @@
 """Benchmark: seeds, i.e. multi-scale + flip CAMs of a classifier (IRNet's make_cam), per image.
 
 Why: stage 2 runs the classifier at 4 scales x 2 flips over every training image. Ours is the seed
-stage's path: ``src.inference.cams.multiscale_cams`` over a batch of B same-size images (each scale
-one batch of 2B: the images and their mirror images), then per image the kept classes normalised and
-copied to the host, as CAMInference.predict_step does; with the requested precision, channels_last
+stage's path: ``src.ops.cams.multiscale_cams`` of the net's ``seed_cams`` over a batch of B same-size
+images (each scale one batch of 2B: the images and their mirror images), then per image the kept classes
+normalised (the seed config's ``normalise``) and copied to the host, as
+``src.stages.seeds.CAMInference.predict_step`` does; with the requested precision, channels_last
 and compile. Reference mode: what IRNet's make_cam does, one image at a time, each scale one batch
 [image, flipped image], fp32, NCHW, eager (its image pyramid is built on the CPU by PIL in the data
 loader; here both modes resize on the device, which favours the reference slightly).
@@ -34,13 +35,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from src.inference.cams import keep_and_normalise, multiscale_cams
+    from src.ops.cams import NORMALISATIONS, multiscale_cams
 
     cfg = common.compose_config(args.backbone)
     seeds = cfg.baseline.seeds
     s = common.settings_from(NAME, args, int(seeds.batch_size),
                              PAPER_IMAGE if args.backbone == "paper" else int(cfg.data.layout.spec.image_size))
     scales, flip, cam_stride = list(seeds.scales), bool(seeds.flip), int(seeds.cam_stride)
+    normalise = NORMALISATIONS[str(seeds.normalise)]
     gen = torch.Generator().manual_seed(s.seed)
     with common.PeakMemory(s.device) as mem:
         net = common.prepare_net(instantiate(cfg.baseline.classification.net), s, train=False)
@@ -48,12 +50,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images = images.contiguous(memory_format=s.memory_format())
         k = net.num_classes
         keys = [torch.randperm(k, generator=gen)[: 1 + i % 3].sort().values.to(s.device) for i in range(s.batch)]
-        cam_fn = common.maybe_compile(lambda x, prior: net.cams(x, prior), s)
+        cam_fn = common.maybe_compile(lambda x, prior: net.seed_cams(x, prior), s)
 
         def seeds_of(batch: torch.Tensor, batch_keys: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
             with s.autocast():
                 cams, highs = multiscale_cams(cam_fn, batch, scales, flip, cam_stride, net.output_stride)
-            return [(keep_and_normalise(c, kk).cpu(), keep_and_normalise(h, kk).cpu())
+            return [(normalise(c, kk).cpu(), normalise(h, kk).cpu())
                     for c, h, kk in zip(cams, highs, batch_keys)]
 
         @torch.no_grad()

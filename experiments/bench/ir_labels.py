@@ -2,7 +2,7 @@
 
 Why: stage 3 has no network; its cost is two 10-iteration dense CRFs (pydensecrf2) per image at full
 resolution, so it scales with pixels and CPU cores, not with the GPU. Ours and the reference mode run
-the same per-image function ``src.inference.ir_labels.ir_label`` (the CRF *is* the reference's), so
+the same per-image function ``src.ops.labels.ir_label`` (the CRF *is* the reference's), so
 their ratio is ~1 by construction; what differs is parallelism: the reference spreads images over
 ``num_workers`` processes, the pipeline's stage runs them in its predict loop (one process per device).
 ``--workers N`` runs the images on a pool of N processes in both modes, to show what that is worth.
@@ -44,7 +44,7 @@ def make_inputs(n: int, size: int, seed: int) -> list[tuple[np.ndarray, np.ndarr
 
 
 def _one(item: tuple[np.ndarray, np.ndarray, np.ndarray, float, float, dict]) -> int:
-    from src.inference.ir_labels import ir_label
+    from src.ops.labels import ir_label
 
     scores, keys, image, conf_fg, conf_bg, crf = item
     return int(ir_label(scores, keys, image, conf_fg, conf_bg, crf).sum())
@@ -52,8 +52,8 @@ def _one(item: tuple[np.ndarray, np.ndarray, np.ndarray, float, float, dict]) ->
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import src.data.synthetic  # noqa: F401  (imports outside the memory measurement)
-    import src.inference.ir_labels  # noqa: F401
-    from src.inference.crf import _densecrf
+    import src.ops.labels  # noqa: F401
+    from src.ops.crf import _densecrf
 
     _densecrf()
     cfg = common.compose_config(args.backbone)

@@ -45,8 +45,8 @@ def ir_label_maps(n: int, size: int, seed: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import src.data.synthetic  # noqa: F401  (imported outside the memory measurement)
-    from src.inference.path_index import affinity_labels
-    from src.models.irn import irn_loss_terms
+    from src.ops.losses import irn_loss_terms
+    from src.ops.path_index import affinity_labels
     from src.stages.irn import LABEL_OFFSET, LABEL_STRIDE, IRNModule
 
     cfg = common.compose_config(args.backbone)

@@ -2,7 +2,7 @@
 
 Why: the reference builds a dense (HW x HW) transition matrix and squares it 8 times: at VOC's stride-4
 size (~128 x 128) that is a 1 GiB matrix and ~70 TFLOP per image. Ours,
-``src.inference.random_walk.propagate_cams``, applies the same transition 256 times as a sparse CSR
+``src.ops.random_walk.propagate_cams``, applies the same transition 256 times as a sparse CSR
 matrix over a batch of B maps. Reference mode: ``propagate_cams(..., dense=True)`` one image at a time,
 the reference's dense squaring. ``--size`` is the side of the stride-4 map (128 ~ a 512 px image; on a
 CPU use ~48, where the dense matrix, 2304^2, still fits). With ``--compare`` both run on the same
@@ -54,7 +54,7 @@ def make_inputs(batch: int, size: int, classes: int, seed: int) -> tuple[torch.T
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import src.data.synthetic  # noqa: F401  (imported outside the memory measurement)
-    from src.inference.random_walk import propagate_cams
+    from src.ops.random_walk import propagate_cams
 
     cfg = common.compose_config(args.backbone)
     spec = cfg.baseline.refinement.pseudo_masks

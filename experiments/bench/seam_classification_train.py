@@ -47,19 +47,21 @@ def refuse_cpu_channels_last(s: common.Settings) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from src.models.seam import rescale, seam_step_losses
-    from src.stages.seam import SEAMClassificationModule
+    from src.ops.losses import rescale, seam_step_losses
+    from src.stages.classification import SEAMClassificationModule
 
     cfg = common.compose_config(args.backbone, baseline="seam")
     spec = cfg.baseline.classification
     s = common.settings_from(NAME, args, int(spec.batch_size), int(spec.crop_size))
     refuse_cpu_channels_last(s)
-    scale, topk, min_pool = float(spec.scale), float(spec.ecr_topk), float(spec.min_pool_fraction)
+    step = spec.module  # the SEAM step's hyper-parameters (conf/classification/seam.yaml module)
+    scale, topk, min_pool = float(step.scale), float(step.ecr_topk), float(step.min_pool_fraction)
+    weights = common.to_container(step.loss_weights)
     gen = torch.Generator().manual_seed(s.seed)
     with common.PeakMemory(s.device) as mem:
         net = common.prepare_net(instantiate(spec.net), s, train=True)
         module = SEAMClassificationModule(net, common.to_container(spec.optim), max_steps=100_000, scale=scale,
-                                          ecr_topk=topk, min_pool_fraction=min_pool)
+                                          ecr_topk=topk, min_pool_fraction=min_pool, loss_weights=weights)
         x = torch.randn(s.batch, 3, s.size, s.size, generator=gen).to(s.device)
         x = x.contiguous(memory_format=s.memory_format())
         y = random_labels(s.batch, net.num_classes, gen).to(s.device)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cam2, cam_rv2 = net_fn(rescale(x, scale))
             # fp32 loss terms under autocast too, as SEAMClassificationModule.training_step
             return seam_step_losses(cam1.float(), cam_rv1.float(), cam2.float(), cam_rv2.float(), y, scale,
-                                    topk, min_pool)["loss"]
+                                    topk, min_pool, weights)["loss"]
 
         seconds, flops = common.time_training(module, net, loss_of, s)
     images = s.batch * s.iters

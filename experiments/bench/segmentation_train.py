@@ -37,7 +37,8 @@ def label_maps(n: int, size: int, seed: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import src.data.synthetic  # noqa: F401  (imported outside the memory measurement)
-    from src.models.deeplab import msc_forward, msc_loss
+    from src.models.deeplab import msc_forward
+    from src.ops.losses import msc_loss
     from src.stages.segmentation import SegmentationModule
 
     cfg = common.compose_config(args.backbone)
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(s.seed)
     with common.PeakMemory(s.device) as mem:
         net = common.prepare_net(instantiate(spec.net), s, train=True)
-        module = SegmentationModule(net, scales, common.to_container(spec.optim), max_steps=100_000)
+        module = SegmentationModule(net, scales, common.to_container(spec.optim), max_steps=100_000,
+                                    eval_cfg=common.to_container(spec.eval))
         x = torch.randn(s.batch, 3, s.size, s.size, generator=gen).to(s.device)
         x = x.contiguous(memory_format=s.memory_format())
         target = label_maps(s.batch, s.size, s.seed).to(s.device)

@@ -22,8 +22,7 @@ from src.data.datasets import WSSSDataset
 from src.data.voc import VOCLayout
 from src.models.conta import image_mask_vector
 from src.pipeline.artifacts import ArtifactStore
-from src.stages.classification import build_classifier
-from src.stages.context import ContextMasks
+from src.stages.classification import load_classifier
 
 
 @torch.no_grad()
@@ -33,16 +32,15 @@ def main(run_dir: str, round_index: str = "1", data_root: str | None = None) -> 
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     cls_art = ArtifactStore.read((run / f"round_{r}" / "classification").resolve())
     ctx_art = ArtifactStore.read((run / f"round_{r - 1}" / "confounder_set").resolve())
-    spec = OmegaConf.create({"net": cls_art.manifest["spec"]["params"]["net"]})
-    net, prior, masks = build_classifier(spec, ctx_art, cfg.conta)
-    state = torch.load(cls_art.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-    prior.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("context.")})
-    net.eval()
+    if cls_art is None or ctx_art is None:
+        raise SystemExit(f"{run}: round {r} has no finished classification or round {r - 1} no confounder set")
+    # the net from the config its manifest provides, CONTA's context enabled from the confounder set's
+    # options, both loaded strictly from the checkpoint, in eval mode
+    net, prior, masks = load_classifier(cls_art, ctx_art)
     root = Path(data_root or json.loads((run / "results.json").read_text())["data_root"])
     layout = VOCLayout(root, list(cfg.data.layout.spec.class_names))
     ds = WSSSDataset(layout, "val", A.Compose([A.Normalize(mean=list(cfg.data.mean), std=list(cfg.data.std))]),
-                     extras=[ContextMasks(ctx_art, False)])
+                     extras=[masks])
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     cmask = torch.stack([ds[i]["context_mask"] for i in range(len(ds))])
     x_m = image_mask_vector(cmask, prior.adjust.num_classes, prior.image_mask)

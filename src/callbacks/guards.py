@@ -8,6 +8,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from src.callbacks.progress import stage_label
+
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
@@ -15,11 +17,8 @@ class NonFiniteLossError(FloatingPointError):
 
 class NonFiniteLossGuard(pl.Callback):
     """After every training step: if the loss is not finite, save ``debug_step<N>.ckpt`` (the model as
-    it was before this step's update went further) in ``debug_dir`` and stop the run with an error."""
-
-    def __init__(self, debug_dir: Path, stage: str) -> None:
-        super().__init__()
-        self.debug_dir, self.stage = Path(debug_dir), stage
+    it was before this step's update went further) in ``<stage folder>/debug`` and stop the run with an
+    error naming the stage."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -27,10 +26,10 @@ class NonFiniteLossGuard(pl.Callback):
         if loss is None or torch.isfinite(torch.as_tensor(loss)).all():
             return
         step = trainer.global_step
-        path = self.debug_dir / f"debug_step{step}.ckpt"
+        path = Path(trainer.default_root_dir) / "debug" / f"debug_step{step}.ckpt"
         trainer.save_checkpoint(path)
         raise NonFiniteLossError(
-            f"stage '{self.stage}': non-finite training loss ({float(loss)}) at step {step} "
+            f"stage '{stage_label(trainer)}': non-finite training loss ({float(loss)}) at step {step} "
             f"(epoch {trainer.current_epoch}, batch {batch_idx}); debug checkpoint: {path}. "
             "Lower the learning rate (optim.lr) or check the inputs of this stage."
         )

@@ -1,8 +1,9 @@
 """Hydra callback: at the end of a multirun, one table of all jobs (``sweep_summary.md`` / ``.csv``)
 and a plot of mIoU per round per job (``sweep_miou.png``), in the sweep directory.
 
-Each job's ``results.json`` (src/pipeline/results.py) provides baseline, conta, seed and the per-round
-headline numbers; jobs that failed (no results.json) are listed as such. Other swept settings (e.g.
+Each job's ``results.json`` (src/pipeline/results.py) provides baseline, conta, seed, the per-round
+headline numbers and the columns to show them in (named after the job's data splits, so a COCO sweep
+shows ``seg val2014``); jobs that failed (no results.json) are listed as such. Other swept settings (e.g.
 ``profile.cam.lr=0.02,0.05``) go into an ``overrides`` column, read from each job's ``.hydra/overrides.yaml``.
 """
 
@@ -22,13 +23,9 @@ from src.utils.io import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    ("seed mIoU", "seeds/train/seed_miou"),
-    ("seed best", "seeds/train/seed_best_miou"),
-    ("mask mIoU", "pseudo_masks/train/mask_miou"),
-    ("seg val", "segmentation/val/miou"),
-    ("seg val_deconf", "segmentation/val_deconfounded/miou"),
-)
+# Columns of a job's results.json shown in the sweep table (the classifier's mAP and the threshold stay in
+# each run's own table).
+SKIPPED_COLUMNS = {"cls mAP", "best thr"}
 
 
 # Overrides that have their own column.
@@ -52,6 +49,15 @@ def swept_overrides(jobs: list[Path]) -> dict[str, str]:
     return {name: " ".join(f"{k}={o[k]}" for k in varying if k in o) for name, o in per_job.items()}
 
 
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The metric columns of the jobs, in first-seen order."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for title in row.get("_columns", ()):
+            seen.setdefault(title, None)
+    return list(seen)
+
+
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per (job, round) from the job folders under ``sweep_dir``."""
     rows = []
@@ -65,10 +71,12 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                          "no results.json (failed or still running)"})
             continue
         data = json.loads(results.read_text())
+        columns = [(title, key) for title, key in data.get("columns", []) if title not in SKIPPED_COLUMNS]
         for entry in data["rounds"]:
             row = {"job": job.name, "status": "ok", "baseline": data.get("baseline"), "conta": data.get("conta"),
-                   "seed": data.get("seed"), "overrides": overrides[job.name], "round": entry["round"]}
-            for title, key in COLUMNS:
+                   "seed": data.get("seed"), "overrides": overrides[job.name], "round": entry["round"],
+                   "_columns": [title for title, _ in columns]}
+            for title, key in columns:
                 row[title] = entry["summary"].get(key)
             rows.append(row)
     return rows
@@ -83,7 +91,7 @@ def _cell(value: Any) -> str:
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     """Table columns; ``overrides`` only when the sweep varies more than baseline, conta and seed."""
     swept = any(r.get("overrides") for r in rows)
-    return ["job", "baseline", "conta", "seed", *(["overrides"] if swept else []), "round", *[t for t, _ in COLUMNS]]
+    return ["job", "baseline", "conta", "seed", *(["overrides"] if swept else []), "round", *metric_columns(rows)]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
@@ -103,7 +111,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(11, 3.4))
     done = [r for r in rows if r["status"] == "ok"]
     # metrics some job reached (a stop_after=seeds sweep has no mask / segmentation numbers)
-    metrics = [t for t in ("seed mIoU", "mask mIoU", "seg val") if any(r.get(t) is not None for r in done)]
+    seg = [t for t in metric_columns(done) if t.startswith("seg ")][:1]  # the first eval split
+    metrics = [t for t in ("seed mIoU", "mask mIoU", *seg) if any(r.get(t) is not None for r in done)]
     jobs = sorted({r["job"] for r in done})
     labels = {r["job"]: f"{r['job']} {r['overrides']}".strip() for r in done}
     rounds = sorted({r["round"] for r in done})

@@ -63,8 +63,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from src.data.voc import IGNORE, VOCLayout
+from src.data.voc import VOCLayout
 from src.utils.io import check_jpeg_complete, save_label_png_atomic, write_bytes_atomic, write_json_atomic
+from src.utils.labels import IGNORE
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)

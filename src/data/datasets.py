@@ -21,8 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from src.data.transforms import sample_seed, seed_transform
-from src.data.voc import IGNORE, VOCLayout
+from src.data.voc import VOCLayout
 from src.utils.io import read_image, read_label
+from src.utils.labels import IGNORE
 
 Extra = Callable[[str], Mapping[str, Any]]
 

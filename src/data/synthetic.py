@@ -20,19 +20,19 @@ the context a model labels as the context class (never used for training).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from filelock import FileLock
 
+from src.data.voc import VOCLayout
 from src.utils.io import save_jpeg_atomic, save_label_png_atomic, write_json_atomic, write_text_atomic
 from src.utils.logging import get_logger
-
-if TYPE_CHECKING:
-    from src.data.voc import VOCLayout
 
 log = get_logger(__name__)
 
@@ -360,19 +360,16 @@ def format_summary(summary: dict, class_names: Sequence[str]) -> str:
 
 
 def synthetic_layout(cache_dir: str | Path, spec: dict | SyntheticSpec) -> VOCLayout:
-    """Generate the synthetic set into the cache once (locked, resumable) and return its reader."""
-    from src.data.voc import VOCLayout
-    from src.pipeline.artifacts import ArtifactStore
-
+    """Generate the synthetic set into ``<cache_dir>/datasets/synthetic/<fingerprint>/`` once and return its
+    reader. ``summary.json`` is written last, so a folder without it is generated again; a file lock keeps
+    two processes (a sweep's jobs, the ranks of a DDP job) from generating it at the same time."""
     if not isinstance(spec, SyntheticSpec):
         spec = SyntheticSpec(**dict(spec))
-    store = ArtifactStore(Path(cache_dir), run_dir=Path(cache_dir))
-
-    def build(out_dir: Path) -> dict:
-        summary = generate(spec, out_dir)
-        log.info("generated the synthetic dataset in " + str(out_dir) + "\n"
-                 + format_summary(summary, spec.class_names))
-        return {"summary": {}, "dataset": summary}
-
-    artifact = store.produce("dataset_synthetic", -1, {"spec": spec.fingerprint_dict()}, {}, build, link=False)
-    return VOCLayout(artifact.path, spec.class_names)
+    text = json.dumps(spec.fingerprint_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    root = Path(cache_dir).expanduser() / "datasets" / "synthetic" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f"{root.name}.lock")):
+        if not (root / "summary.json").is_file():
+            summary = generate(spec, root)
+            log.info(f"generated the synthetic dataset in {root}\n" + format_summary(summary, spec.class_names))
+    return VOCLayout(root, spec.class_names)

@@ -22,12 +22,12 @@ import numpy as np
 from PIL import Image
 
 from src.utils.io import read_label
+from src.utils.labels import IGNORE
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-IGNORE = 255
 
 
 def decode_int_id(key: int) -> str:

@@ -1,8 +1,9 @@
 """Segmentation metrics from a dataset-level confusion matrix (the VOC protocol).
 
 IoU_c = TP / (TP + FP + FN); mIoU = mean over the classes that occur in ground truth or prediction
-(nanmean, as the reference evaluation). Pixels labelled 255 are ignored. The confusion matrix is a
-torchmetrics state summed across DDP ranks, so 1 and N processes give the same numbers.
+(nanmean, as the reference evaluation). Pixels labelled 255 are ignored. Both metrics below are
+torchmetrics ``Metric``s whose states are summed across DDP ranks on ``compute()``, so 1 and N processes
+give the same numbers (move them to :func:`src.utils.dist.reduce_device` first under NCCL).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-IGNORE = 255
+from src.utils.labels import IGNORE
 
 
 def scores_from_confusion(confusion: np.ndarray | torch.Tensor, class_names: Sequence[str] | None = None
@@ -61,33 +63,26 @@ class SegmentationMetric(MulticlassConfusionMatrix):
         return scores_from_confusion(self.compute(), self.class_names)
 
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) int64 confusion matrix [gt, pred] of two label maps, ignoring gt == 255."""
-    valid = gt != IGNORE
-    if np.any(gt[valid] >= num_classes):
-        raise ValueError(f"ground truth holds class id {int(gt[valid].max())} >= {num_classes}")
-    if np.any(pred[valid] >= num_classes):
-        raise ValueError(f"prediction holds class id {int(pred[valid].max())} >= {num_classes}")
-    idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-class CAMThresholdSweep:
+class CAMThresholdSweep(Metric):
     """The WSSS seed protocol: score CAM seeds at many background thresholds in one pass.
 
     A pixel is foreground at threshold t when its largest class score exceeds t (a constant
     background plane at t, argmax, background winning ties) and then takes that class. For each image
     we histogram (gt class, argmax class, number of thresholds below the score) once; the confusion
-    matrix at every threshold follows by cumulative sums, exactly.
+    matrix at every threshold follows by cumulative sums, exactly. The histogram is a summed state.
     """
 
-    def __init__(self, num_classes: int, thresholds: Sequence[float]) -> None:
+    full_state_update = False
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float], **kwargs) -> None:
+        super().__init__(**kwargs)
         self.num_classes = num_classes  # including background
         self.thresholds = np.asarray(sorted(float(t) for t in thresholds), dtype=np.float64)
         n_t = len(self.thresholds)
-        self.hist = np.zeros((num_classes, num_classes, n_t + 1), np.int64)
+        self.add_state("hist", torch.zeros(num_classes, num_classes, n_t + 1, dtype=torch.long),
+                       dist_reduce_fx="sum")
 
-    def update(self, scores: np.ndarray, keys: np.ndarray, gt: np.ndarray) -> None:
+    def update(self, scores: np.ndarray, keys: np.ndarray, gt: np.ndarray) -> None:  # type: ignore[override]
         """``scores`` (n, H, W) foreground scores of the classes ``keys`` (ids 1..K); gt (H, W)."""
         valid = gt != IGNORE
         g = gt[valid].astype(np.int64)
@@ -100,21 +95,27 @@ class CAMThresholdSweep:
             level = np.searchsorted(self.thresholds, s.max(0), side="left")
         c, n_levels = self.num_classes, self.hist.shape[2]
         idx = (g * c + top) * n_levels + level
-        self.hist += np.bincount(idx, minlength=c * c * n_levels).reshape(c, c, n_levels)
+        counts = np.bincount(idx, minlength=c * c * n_levels).reshape(c, c, n_levels)
+        self.hist += torch.from_numpy(counts).to(self.hist.device)
 
-    def merge(self, other: CAMThresholdSweep) -> None:
-        self.hist += other.hist
+    def compute(self) -> torch.Tensor:
+        return self.hist
 
     def confusion(self, j: int) -> np.ndarray:
-        """Confusion matrix at thresholds[j]."""
-        fg = self.hist[:, :, j + 1:].sum(2)  # pixels whose score exceeds thresholds[j]
+        """Confusion matrix [gt, pred] at thresholds[j] (summed over ranks)."""
+        return self._confusion(self.compute().cpu().numpy(), j)
+
+    @staticmethod
+    def _confusion(hist: np.ndarray, j: int) -> np.ndarray:
+        fg = hist[:, :, j + 1:].sum(2)  # pixels whose score exceeds thresholds[j]
         conf = fg.copy()
         conf[:, 0] = 0
-        conf[:, 0] = self.hist.sum((1, 2)) - conf.sum(1)
+        conf[:, 0] = hist.sum((1, 2)) - conf.sum(1)
         return conf
 
     def results(self, class_names: Sequence[str] | None = None) -> dict:
-        per_t = [scores_from_confusion(self.confusion(j), class_names) for j in range(len(self.thresholds))]
+        hist = self.compute().cpu().numpy()
+        per_t = [scores_from_confusion(self._confusion(hist, j), class_names) for j in range(len(self.thresholds))]
         mious = [r["miou"] for r in per_t]
         best = int(np.nanargmax(mious))
         return {

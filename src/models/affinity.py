@@ -5,24 +5,22 @@ The net maps an image to a 448-channel stride-8 feature map (b4/b5/b7 features -
 the affinity of two pixels within the radius is exp(-mean_c |f_i - f_j|).
 
 Pair layouts:
-* :func:`pair_affinity` gives the project's layout (src/inference/pairs.py): (B, n_offsets, h, w),
+* :func:`pair_affinity` gives the project's layout (src/ops/pairs.py): (B, n_offsets, h, w),
   0 where the partner lies outside the image. The random walk reads this one.
 * Training labels follow PSA's ``ExtractAffinityLabelInRadius``: only source pixels in the region
   rows [0, h - r + 1) x cols [r - 1, w - r + 1) (every partner inside), flattened row-major:
-  (B, n_offsets, n_src). :func:`to_label_layout` cuts the affinities to that layout.
+  (B, n_offsets, n_src). :func:`src.ops.pairs.to_label_layout` cuts the affinities to that layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.inference.pairs import half_plane_offsets
 from src.models.resnet38d import (
     LR_MULTS,
     PAPER_FROZEN_BLOCKS,
@@ -32,11 +30,8 @@ from src.models.resnet38d import (
     read_state_dict,
     split_param_groups,
 )
-from src.stages.optim import ParamGroup
-
-RADIUS = 5  # specs/seam.md: affinities between pixels within radius 5 (34 half-plane offsets)
-EPS = 1e-5  # the reference's epsilon in the counts and logs of the loss
-IGNORE_INDEX = 255
+from src.ops.optim import ParamGroup
+from src.ops.pairs import half_plane_offsets
 
 
 class AffinityNet(nn.Module):
@@ -75,7 +70,7 @@ class AffinityNet(nn.Module):
                        F.elu(self.f8_5(d["conv6"]))], 1)
         return F.elu(self.f9(f))
 
-    def affinity(self, x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
+    def affinity(self, x: torch.Tensor, radius: int) -> torch.Tensor:
         return pair_affinity(self(x), radius)
 
     def param_groups(self) -> list[ParamGroup]:
@@ -87,7 +82,7 @@ class AffinityNet(nn.Module):
         load_state_strict(self, from_reference_keys(read_state_dict(path)), source=str(path))
 
 
-def pair_affinity(features: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
+def pair_affinity(features: torch.Tensor, radius: int) -> torch.Tensor:
     """exp(-mean_c |f(y, x) - f(y + dy, x + dx)|) for every half-plane offset of ``radius``:
     (B, n_offsets, h, w), 0 where the partner lies outside the map."""
     b, _, h, w = features.shape
@@ -102,68 +97,3 @@ def pair_affinity(features: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
         aff = torch.exp(-(src - dst).abs().mean(1))
         out.append(F.pad(aff, (x0, w - x1, 0, h - y1)))
     return torch.stack(out, 1)
-
-
-def label_region(height: int, width: int, radius: int = RADIUS) -> tuple[slice, slice]:
-    """Rows and columns of the source pixels PSA uses (all partners inside); clear error if too small."""
-    rf = radius - 1
-    if height <= rf or width <= 2 * rf:
-        raise ValueError(f"a {height} x {width} map has no pixel with all radius-{radius} partners inside "
-                         f"(needs height > {rf} and width > {2 * rf})")
-    return slice(0, height - rf), slice(rf, width - rf)
-
-
-def to_label_layout(aff: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
-    """(B, n_offsets, h, w) pair affinities -> (B, n_offsets, n_src) at the source pixels of
-    :func:`affinity_labels_in_radius` (reference ``resnet38_aff.Net.forward`` output layout)."""
-    rows, cols = label_region(aff.shape[-2], aff.shape[-1], radius)
-    return aff[..., rows, cols].flatten(-2)
-
-
-def affinity_labels_in_radius(
-    label_map: torch.Tensor | np.ndarray, radius: int = RADIUS, ignore_index: int = IGNORE_INDEX,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pair labels of AffinityNet training from a stride-8 label map (PSA's ExtractAffinityLabelInRadius).
-
-    ``label_map``: (h, w) or (B, h, w) class ids, 0 = background, ``ignore_index`` = unknown. For each
-    half-plane offset and each source pixel of :func:`label_region`:
-    bg_pos = both ends 0; fg_pos = same non-zero label, both known; neg = different labels, both known.
-    (The reference tests "< 255"; for label maps in 0..255 that is "!= ignore_index".)
-    Returns float32 tensors (..., n_offsets, n_src).
-    """
-    labels = torch.as_tensor(label_map).long()
-    if labels.dim() not in (2, 3):
-        raise ValueError(f"label_map must be (h, w) or (B, h, w), got shape {tuple(labels.shape)}")
-    h, w = labels.shape[-2:]
-    rows, cols = label_region(h, w, radius)
-    src = labels[..., rows, cols].flatten(-2)
-    dst = []
-    for dy, dx in half_plane_offsets(radius):
-        dst.append(labels[..., rows.start + dy:rows.stop + dy, cols.start + dx:cols.stop + dx].flatten(-2))
-    dst = torch.stack(dst, -2)
-    src = src.unsqueeze(-2)
-    known = (src != ignore_index) & (dst != ignore_index)
-    same = src == dst
-    bg_pos = same & (src == 0)
-    fg_pos = same & (src != 0) & known
-    neg = ~same & known
-    return bg_pos.float(), fg_pos.float(), neg.float()
-
-
-def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor,
-                  count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> dict[str, torch.Tensor]:
-    """AffinityNet loss (``train_aff.py``): bg/4 + fg/4 + neg/2, each term a sum over the whole batch
-    divided by the batch's pair count + 1e-5; ``aff`` in the labels' layout (:func:`to_label_layout`).
-    ``count`` maps a local pair count to the normaliser (multi-process training passes
-    ``src.utils.dist.global_mean_count`` so the global batch's count is used, as IRN's loss)."""
-    bg_count = count(bg_pos.sum()) + EPS
-    fg_count = count(fg_pos.sum()) + EPS
-    neg_count = count(neg.sum()) + EPS
-    bg_loss = (-bg_pos * torch.log(aff + EPS)).sum() / bg_count
-    fg_loss = (-fg_pos * torch.log(aff + EPS)).sum() / fg_count
-    neg_loss = (-neg * torch.log(1.0 + EPS - aff)).sum() / neg_count
-    return {
-        "loss": bg_loss / 4 + fg_loss / 4 + neg_loss / 2,
-        "bg_loss": bg_loss, "fg_loss": fg_loss, "neg_loss": neg_loss,
-        "bg_count": bg_count, "fg_count": fg_count, "neg_count": neg_count,
-    }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from src.models.conta import ContextInjection
 from src.models.resnet import ResNet
-from src.stages.optim import ParamGroup
+from src.ops.optim import ParamGroup
 
 
 class CAMNet(ContextInjection, nn.Module):
@@ -58,6 +58,10 @@ class CAMNet(ContextInjection, nn.Module):
     def cams(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Raw class activation maps (B, K, h, w) (no ReLU: the seed step applies it)."""
         return self.classifier(self.features(x, context))
+
+    def seed_cams(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The maps the seeds are made of (the seed stage's CAM rule): IRNet's raw CAMs."""
+        return self.cams(x, context)
 
     def param_groups(self) -> list[ParamGroup]:
         return [

@@ -149,3 +149,16 @@ class ContextInjection:
             return f
         m = F.interpolate(context.to(f.dtype), size=f.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([f, m], 1)
+
+
+class ContextPrior(nn.Module):
+    """X_m (label map or probabilities) -> M, with CONTA's image-mask convention (``image_mask``)."""
+
+    def __init__(self, confounders: torch.Tensor, image_mask: str, normalize: str) -> None:
+        super().__init__()
+        self.adjust = ContextAdjustment(confounders, image_mask, normalize)
+        self.image_mask = image_mask
+
+    def forward(self, context_mask: torch.Tensor) -> torch.Tensor:
+        x_m = image_mask_vector(context_mask, self.adjust.num_classes, self.image_mask)
+        return self.adjust(x_m)

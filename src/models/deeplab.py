@@ -8,16 +8,14 @@ every output gets its own loss (:func:`msc_loss`), at test time the max is the p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from src.models.resnet import ResNet
-from src.stages.optim import ParamGroup
-
-IGNORE = 255
+from src.ops.optim import ParamGroup
 
 
 class ASPP(nn.Module):
@@ -48,15 +46,16 @@ class DeepLabV2(nn.Module):
         """Logits at the backbone's output stride (B, C, H/8, W/8 for output stride 8)."""
         return self.aspp(self.backbone(x))
 
-    def param_groups(self, head_lr_mult: float = 10.0) -> list[ParamGroup]:
-        """Backbone 1x; ASPP weights ``head_lr_mult``x; ASPP biases 2x that and no weight decay
-        (the reference recipe: 10x and 20x)."""
+    def param_groups(self, head_lr_mult: float, head_bias_lr_mult: float, head_bias_weight_decay: float
+                     ) -> list[ParamGroup]:
+        """Backbone 1x; ASPP weights ``head_lr_mult``x; ASPP biases ``head_bias_lr_mult``x with their own weight
+        decay (the reference recipe: 10x, 20x and no weight decay; conf/segmentation/deeplab_v2.yaml)."""
         weights = [b.weight for b in self.aspp.branches]
         biases = [b.bias for b in self.aspp.branches]
         return [
             ParamGroup(self.backbone.parameters(), 1.0, name="backbone"),
             ParamGroup(weights, head_lr_mult, name="aspp_weight"),
-            ParamGroup(biases, 2 * head_lr_mult, weight_decay=0.0, name="aspp_bias"),
+            ParamGroup(biases, head_bias_lr_mult, weight_decay=head_bias_weight_decay, name="aspp_bias"),
         ]
 
 
@@ -71,21 +70,6 @@ def msc_forward(net: nn.Module, x: torch.Tensor, scales: Sequence[float]) -> lis
     size = outs[0].shape[-2:]
     ups = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
     return outs + [torch.stack(ups).amax(0)]
-
-
-def msc_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,
-             count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> torch.Tensor:
-    """Sum of cross-entropies (ignore 255), each output against the labels shrunk to its own size
-    with nearest-neighbour. Each is the mean over the labelled pixels of the batch; ``count`` maps the
-    local pixel count to the normaliser (``src.utils.dist.global_mean_count`` in multi-process training).
-    An output with no labelled pixel adds 0 (not the NaN of an empty mean)."""
-    total = outputs[0].new_zeros(())
-    for out in outputs:
-        labels = F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
-        n = count((labels != IGNORE).sum())
-        ce = F.cross_entropy(out, labels, ignore_index=IGNORE, reduction="sum")
-        total = total + ce / n.clamp(min=1)
-    return total
 
 
 @torch.no_grad()

@@ -8,22 +8,21 @@ Spec stage 4 (reference ``net/resnet50_irn.py``): the five backbone stage output
   mapped to a 2-channel displacement field, followed by a mean-shift (``MeanShift``).
 
 Channel counts come from ``backbone.stage_channels`` and up-sampling factors from the backbone's
-stage strides, so the same module runs on ResNet-50 and on the tiny CPU ResNet. The loss helpers
-reproduce the reference ``AffinityDisplacementLoss`` and ``step/train_irn.py`` term for term; the
-inference helpers reproduce ``EdgeDisplacement`` (flip merging of the boundary logits).
+stage strides, so the same module runs on ResNet-50 and on the tiny CPU ResNet. Its loss is
+:func:`src.ops.losses.irn_loss_terms`; the inference helpers here reproduce ``EdgeDisplacement`` (flip
+merging of the boundary logits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.inference.path_index import PathIndex
 from src.models.resnet import ResNet
-from src.stages.optim import ParamGroup
+from src.ops.optim import ParamGroup
 
 # Reference branch widths (net/resnet50_irn.py): 32 channels per boundary stage (5 x 32 = 160 fused),
 # displacement 64/128/256/256/256 per stage and 256 in the two fusion layers.
@@ -33,11 +32,6 @@ DP_WIDTHS = (64, 128, 256, 256, 256)
 DP_GROUPS = (8, 16, 16, 16, 16)
 DP_FUSE_WIDTH = 256
 DP_FUSE_GROUPS = 16
-# Spec stage 4: boundary branch lr 0.1 and displacement branch lr 1.0 -> multipliers 1 and 10.
-EDGE_LR_MULT = 1.0
-DP_LR_MULT = 10.0
-# Spec stage 4 loss: every mean is sum / (count + 1e-5); logs use -log(a + 1e-5), -log(1 + 1e-5 - a).
-LOSS_EPS = 1e-5
 # Spec stage 5: the IRN runs at output stride 4 and inference pads images to the 512 training crop.
 IRN_STRIDE = 4
 INFER_CROP = 512
@@ -105,8 +99,8 @@ class IRN(nn.Module):
         dp_groups: Sequence[int] = DP_GROUPS,
         dp_fuse_width: int = DP_FUSE_WIDTH,
         dp_fuse_groups: int = DP_FUSE_GROUPS,
-        edge_lr_mult: float = EDGE_LR_MULT,
-        dp_lr_mult: float = DP_LR_MULT,
+        edge_lr_mult: float = 1.0,
+        dp_lr_mult: float = 1.0,
         backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
@@ -179,8 +173,8 @@ class IRN(nn.Module):
         return [*self.dp_stages.parameters(), *self.dp_mid_fuse.parameters(), *self.dp_out.parameters()]
 
     def param_groups(self) -> list[ParamGroup]:
-        """Edge branch (lr x1), displacement branch (lr x10) as in the reference, plus the backbone
-        (lr x1) when it trains."""
+        """Edge branch and displacement branch at their lr multipliers (the reference: 1x and 10x, set in
+        conf/refinement/irn.yaml), plus the backbone when it trains."""
         groups = [
             ParamGroup(self.edge_parameters(), lr_mult=self.edge_lr_mult, name="edge"),
             ParamGroup(self.displacement_parameters(), lr_mult=self.dp_lr_mult, name="displacement"),
@@ -189,90 +183,6 @@ class IRN(nn.Module):
             groups.append(ParamGroup(list(self.backbone.parameters()), lr_mult=self.backbone_lr_mult,
                                      name="backbone"))
         return groups
-
-
-# ---------------------------------------------------------------------------------------------- loss
-
-
-def _flat_map(x: torch.Tensor, channels: int, path_index: PathIndex) -> torch.Tensor:
-    """(B, channels, H, W) or, for one channel, (B, H, W) -> (B, channels, H*W) after a size check."""
-    if x.dim() == 3 and channels == 1:
-        x = x.unsqueeze(1)
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"expected a (B, {channels}, H, W) map, got shape {tuple(x.shape)}")
-    path_index.check_size(x.shape[2], x.shape[3])
-    return x.reshape(x.shape[0], channels, -1)
-
-
-def affinity_from_edge(edge_prob: torch.Tensor, path_index: PathIndex) -> torch.Tensor:
-    """Pair affinities 1 - max(boundary along the pair's path): (B, 1 | -, H, W) -> (B, n_offsets, n_src)
-    in the PathIndex order (reference ``to_affinity``)."""
-    flat = _flat_map(edge_prob, 1, path_index)[:, 0]
-    out = []
-    for ind in path_index.tensors(flat.device).paths:
-        along = flat[:, ind.reshape(-1)].reshape(flat.shape[0], *ind.shape)
-        out.append(1 - along.amax(dim=2))
-    return torch.cat(out, dim=1)
-
-
-def pair_displacement(displacement: torch.Tensor, path_index: PathIndex) -> torch.Tensor:
-    """dp[src] - dp[dst] for every pair: (B, 2, H, W) -> (B, 2, n_offsets, n_src)
-    (reference ``to_pair_displacement``)."""
-    flat = _flat_map(displacement, 2, path_index)
-    idx = path_index.tensors(flat.device)
-    src = flat[..., idx.src].unsqueeze(2)
-    dst = flat[..., idx.dst.reshape(-1)].reshape(*flat.shape[:2], *idx.dst.shape)
-    return src - dst
-
-
-def irn_loss_maps(edge_logits: torch.Tensor, displacement: torch.Tensor, path_index: PathIndex,
-                  eps: float = LOSS_EPS) -> dict[str, torch.Tensor]:
-    """Per-pair losses of the reference ``AffinityDisplacementLoss.forward``: ``pos_aff`` = -log(a + eps),
-    ``neg_aff`` = -log(1 + eps - a) (B, n_off, n_src); ``dp_fg`` = |pair_disp - offset|, ``dp_bg`` =
-    |pair_disp| (B, 2, n_off, n_src), where the offset (dy, dx) is what a foreground pair's displacement
-    difference should equal."""
-    # fp32 under a bf16/fp16 autocast too: in bf16, 1 + eps rounds to 1 and a ~ 1 - 2^-9 to 1, so
-    # -log(1 + eps - a) is inf (and 0 * inf = NaN in the masked sums) wherever the boundary is ~0.
-    aff = affinity_from_edge(torch.sigmoid(edge_logits.float()), path_index)
-    pair_disp = pair_displacement(displacement.float(), path_index)
-    target = path_index.tensors(pair_disp.device).search_dst.t().to(pair_disp.dtype)[None, :, :, None]
-    return {
-        "pos_aff": -torch.log(aff + eps),
-        "neg_aff": -torch.log(1.0 + eps - aff),
-        "dp_fg": (pair_disp - target).abs(),
-        "dp_bg": pair_disp.abs(),
-    }
-
-
-def irn_loss_terms(
-    edge_logits: torch.Tensor,
-    displacement: torch.Tensor,
-    bg_pos: torch.Tensor,
-    fg_pos: torch.Tensor,
-    neg: torch.Tensor,
-    path_index: PathIndex,
-    eps: float = LOSS_EPS,
-    count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c,
-) -> dict[str, torch.Tensor]:
-    """IRN training loss as in the reference ``step/train_irn.py``: every term is a batch-global mean
-    (sum over all labelled pairs of the batch / (count + eps)), not a mean of per-image means.
-    ``count`` maps a local pair count to the normaliser (multi-process training passes
-    ``src.utils.dist.global_mean_count`` so the global batch's count is used).
-
-    Keys: ``bg_pos_aff``, ``fg_pos_aff``, ``pos_aff`` = their average, ``neg_aff``, ``dp_fg`` and ``dp_bg``
-    (divided by 2 * count: two displacement components), ``total`` = (pos + neg)/2 + (dp_fg + dp_bg)/2.
-    """
-    maps = irn_loss_maps(edge_logits, displacement, path_index, eps)
-    n_bg, n_fg, n_neg = count(bg_pos.sum()), count(fg_pos.sum()), count(neg.sum())
-    bg_pos_aff = (bg_pos * maps["pos_aff"]).sum() / (n_bg + eps)
-    fg_pos_aff = (fg_pos * maps["pos_aff"]).sum() / (n_fg + eps)
-    pos_aff = bg_pos_aff / 2 + fg_pos_aff / 2
-    neg_aff = (neg * maps["neg_aff"]).sum() / (n_neg + eps)
-    dp_fg = (maps["dp_fg"] * fg_pos.unsqueeze(1)).sum() / (2 * n_fg + eps)
-    dp_bg = (maps["dp_bg"] * bg_pos.unsqueeze(1)).sum() / (2 * n_bg + eps)
-    total = (pos_aff + neg_aff) / 2 + (dp_fg + dp_bg) / 2
-    return {"bg_pos_aff": bg_pos_aff, "fg_pos_aff": fg_pos_aff, "pos_aff": pos_aff, "neg_aff": neg_aff,
-            "dp_fg": dp_fg, "dp_bg": dp_bg, "total": total}
 
 
 # ----------------------------------------------------------------------------------------- inference

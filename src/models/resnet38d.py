@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from src.models.resnet import norm_layer
 from src.models.weights import load_state_strict, read_state_dict
-from src.stages.optim import ParamGroup
+from src.ops.optim import ParamGroup
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -24,7 +24,7 @@ more than, or other than, the paper describes:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,13 +41,9 @@ from src.models.resnet38d import (
     read_state_dict,
     split_param_groups,
 )
-from src.stages.optim import ParamGroup
+from src.ops.optim import ParamGroup
 
 EPS = 1e-5  # the reference's epsilon in every normalisation below
-SCALE = 0.3  # specs/seam.md: the second branch is the crop rescaled by 0.3
-ECR_TOPK = 0.2  # specs/seam.md: L_ECR keeps the top 20 % errors
-MIN_POOL_FRACTION = 0.25  # specs/seam.md: the min-pool term keeps h*w//4 values
-LOSS_WEIGHTS = {"min_pool": 1.0, "er": 1.0, "ecr": 1.0}  # train_SEAM.py: every term counts once
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -111,6 +107,12 @@ class SEAM(ContextInjection, nn.Module):
                             align_corners=True)
         return cam, self.pcm(seed, torch.cat([x_s, f8_3, f8_4], 1))
 
+    def seed_cams(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The maps the seeds are made of (``infer_SEAM.py``): the PCM-refined CAMs of the foreground
+        classes (channel 0, the background, is never read at inference), at the feature size. Their ReLU in
+        the seed merge is a no-op: the PCM output is a non-negative combination of the non-negative seed."""
+        return self.cams(x, context)[1][:, 1:]
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cam, cam_rv), both upsampled to the input size (bilinear, align_corners=True) as the reference."""
@@ -158,119 +160,3 @@ def pcm_seed(cam: torch.Tensor) -> torch.Tensor:
     fg = cam[:, 1:]
     fg_max = fg.max(1, keepdim=True)[0]
     return torch.cat([1 - fg_max, torch.where(fg < fg_max, torch.zeros_like(fg), fg)], 1)
-
-
-# -------------------------------------------------------------------------------------------- losses
-
-
-def max_norm(cam: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Per-(image, channel) max-min normalisation of (C, H, W) or (N, C, H, W) maps (reference
-    ``visualization.max_norm``, torch branch): p = ReLU(p); ReLU(p - min - e) / (max - min + e)."""
-    if cam.dim() not in (3, 4):
-        raise ValueError(f"max_norm expects a 3-D or 4-D tensor, got shape {tuple(cam.shape)}")
-    p = F.relu(cam)
-    flat = p.flatten(-2)
-    hi = flat.max(-1)[0][..., None, None]
-    lo = flat.min(-1)[0][..., None, None]
-    return F.relu(p - lo - eps) / (hi - lo + eps)
-
-
-def with_background(cam: torch.Tensor) -> torch.Tensor:
-    """Channel 0 replaced by 1 - max over the foreground channels."""
-    return torch.cat([1 - cam[:, 1:].max(1, keepdim=True)[0], cam[:, 1:]], 1)
-
-
-def max_onehot(cam: torch.Tensor) -> torch.Tensor:
-    """Foreground channels zeroed where they are not the maximal foreground score (ties kept); channel 0
-    unchanged (reference ``train_SEAM.max_onehot``, without its in-place write)."""
-    fg = cam[:, 1:]
-    fg_max = fg.max(1, keepdim=True)[0]
-    return torch.cat([cam[:, :1], torch.where(fg != fg_max, torch.zeros_like(fg), fg)], 1)
-
-
-def rescale(x: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
-    """The siamese transform A: bilinear rescale (align_corners=True) by ``scale``, to floor(H * scale)."""
-    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=True)
-
-
-def classification_loss(cam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Multi-label soft margin of the global average of the foreground CAMs (B, K+1, H, W) against the
-    (B, K) image labels; channel 0 (background) takes no part."""
-    scores = cam[:, 1:].mean(dim=(2, 3))
-    return F.multilabel_soft_margin_loss(scores, labels.to(scores.dtype))
-
-
-def equivariant_loss(cam_a: torch.Tensor, cam_b: torch.Tensor) -> torch.Tensor:
-    """L_ER: mean |cam_a - cam_b| over the foreground channels (all K, absent classes included) of two
-    normalised, label-masked CAMs of the same size: A(CAM(x)) and CAM(A(x))."""
-    return (cam_a[:, 1:] - cam_b[:, 1:]).abs().mean()
-
-
-def ecr_loss(cam_rv: torch.Tensor, cam_other: torch.Tensor, topk: float = ECR_TOPK) -> torch.Tensor:
-    """L_ECR (one direction): |max_onehot(cam_other with background = 1 - max fg) - cam_rv|, the other
-    branch detached, averaged over the top k = int(C * h * w * topk) errors per image over all C channels."""
-    target = max_onehot(with_background(cam_other.detach()))
-    n, c, h, w = cam_rv.shape
-    if target.shape != cam_rv.shape:
-        raise ValueError(f"ECR needs equal shapes, got {tuple(cam_rv.shape)} and {tuple(target.shape)}")
-    k = int(c * h * w * topk)
-    return torch.topk((target - cam_rv).abs().reshape(n, -1), k=k, dim=-1)[0].mean()
-
-
-def min_pool_loss(cam_fg: torch.Tensor, fraction: float = MIN_POOL_FRACTION) -> torch.Tensor:
-    """Background min-pooling term: per pixel the max over the given (foreground, label-masked) channels;
-    the mean of ReLU of the k = int(h * w * fraction) smallest per image (reference h*w//4)."""
-    n, _, h, w = cam_fg.shape
-    k = int(h * w * fraction)
-    lowest = torch.topk(cam_fg.max(1)[0].reshape(n, -1), k=k, dim=-1, largest=False)[0]
-    return F.relu(lowest).sum() / (k * n)
-
-
-def seam_step_losses(
-    cam1: torch.Tensor,
-    cam_rv1: torch.Tensor,
-    cam2: torch.Tensor,
-    cam_rv2: torch.Tensor,
-    labels: torch.Tensor,
-    scale: float = SCALE,
-    topk: float = ECR_TOPK,
-    min_pool_fraction: float = MIN_POOL_FRACTION,
-    weights: Mapping[str, float] | None = None,
-) -> dict[str, torch.Tensor]:
-    """All SEAM loss terms of one siamese step, composed as ``train_SEAM.py``.
-
-    ``cam1, cam_rv1 = net(img)`` and ``cam2, cam_rv2 = net(rescale(img, scale))`` (each upsampled to its
-    input size by the net); ``labels`` (B, K) multi-hot foreground labels. Returns ``loss`` (the total to
-    back-propagate) and its terms: ``cls`` = (cls1 + cls2) / 2, ``min_pool`` = (min_pool1 + min_pool2) / 2,
-    ``er``, ``ecr`` = ecr1 + ecr2 (the reference logs ``cls + min_pool`` as its ``loss_cls``).
-    ``weights`` scales ``min_pool``, ``er`` and ``ecr`` in the total (all 1 in the reference; for ablations).
-    """
-    weights = {**LOSS_WEIGHTS, **(weights or {})}
-    if set(weights) != set(LOSS_WEIGHTS):
-        raise ValueError(f"SEAM loss weights are {sorted(LOSS_WEIGHTS)}, got {sorted(weights)}")
-    n = labels.shape[0]
-    mask = torch.cat([labels.new_ones(n, 1), labels], 1).to(cam1.dtype)[..., None, None]
-
-    cls1 = classification_loss(cam1, labels)
-    cls2 = classification_loss(cam2, labels)
-    min_pool1 = min_pool_loss((cam_rv1 * mask)[:, 1:], min_pool_fraction)
-    min_pool2 = min_pool_loss((cam_rv2 * mask)[:, 1:], min_pool_fraction)
-
-    norm1 = rescale(max_norm(cam1), scale) * mask
-    norm_rv1 = rescale(max_norm(cam_rv1), scale) * mask
-    norm2 = max_norm(cam2) * mask
-    norm_rv2 = max_norm(cam_rv2) * mask
-    if norm1.shape != norm2.shape:
-        raise ValueError(f"the rescaled branch's CAM is {tuple(cam2.shape)}, but the first branch rescaled "
-                         f"by {scale} is {tuple(norm1.shape)}: feed the net rescale(img, {scale})")
-
-    er = equivariant_loss(norm1, norm2)
-    ecr1 = ecr_loss(norm_rv1, norm2, topk)
-    ecr2 = ecr_loss(norm_rv2, norm1, topk)
-    terms = {
-        "cls": (cls1 + cls2) / 2, "min_pool": (min_pool1 + min_pool2) / 2, "er": er, "ecr": ecr1 + ecr2,
-        "cls1": cls1, "cls2": cls2, "min_pool1": min_pool1, "min_pool2": min_pool2,
-        "ecr1": ecr1, "ecr2": ecr2,
-    }
-    terms["loss"] = terms["cls"] + sum(w * terms[key] for key, w in weights.items())
-    return terms

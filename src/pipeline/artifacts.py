@@ -16,53 +16,27 @@ Lightning checkpoint (``artifacts.reuse.round_<r>.<stage>=PATH``) to skip it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
+from src.stages.core import MANIFEST, Artifact
 from src.utils import dist
 from src.utils.io import write_json_atomic
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-MANIFEST = "manifest.json"
-CHECKPOINT = "model.ckpt"
-
-
 def fingerprint(obj: Any) -> str:
     """sha256 of the canonical JSON form of ``obj`` (dict key order does not matter)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A finished stage output: its directory and manifest (fingerprint, config, inputs, metrics)."""
-
-    stage: str
-    fingerprint: str
-    path: Path
-    manifest: dict[str, Any] = field(default_factory=dict)
-    reused: bool = False
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.manifest.get("metrics", {})
-
-    @property
-    def checkpoint(self) -> Path:
-        """The Lightning checkpoint of a training stage (an override may point elsewhere)."""
-        return Path(self.manifest.get("checkpoint") or self.path / CHECKPOINT)
-
-    def file(self, *parts: str) -> Path:
-        return self.path.joinpath(*parts)
 
 
 def remove_stale_temporaries(folder: Path) -> int:
@@ -100,7 +74,7 @@ class ArtifactStore:
             raise ValueError(f"unreadable artifact manifest {manifest_path}: {err}") from err
         return Artifact(manifest["stage"], manifest["fingerprint"], Path(path), manifest)
 
-    def _override(self, stage: str, round_index: int) -> Artifact | None:
+    def _override(self, stage: str, round_index: int, provides: Mapping[str, Any]) -> Artifact | None:
         target = self.reuse.get(f"round_{round_index}", {}).get(stage)
         if target is None:
             return None
@@ -108,7 +82,8 @@ class ArtifactStore:
         if path.is_file() and path.suffix == ".ckpt":
             stat = path.stat()
             fp = fingerprint({"checkpoint": str(path), "size": stat.st_size, "mtime": stat.st_mtime_ns})
-            manifest = {"stage": stage, "fingerprint": fp, "checkpoint": str(path), "override": str(path)}
+            manifest = {"stage": stage, "fingerprint": fp, "checkpoint": str(path), "override": str(path),
+                        "provides": dict(provides)}
             artifact = Artifact(stage, fp, path.parent, manifest, reused=True)
         elif path.is_dir():
             found = self.read(path)
@@ -139,13 +114,16 @@ class ArtifactStore:
         inputs: Mapping[str, Artifact],
         run: Callable[[Path], dict[str, Any]],
         link: bool = True,
+        provides: Mapping[str, Any] | None = None,
     ) -> Artifact:
         """Reuse the finished artifact of this (spec, inputs), or run ``run(out_dir)`` to make it.
 
         Every rank of a multi-process job calls this; rank 0 decides and records, the others follow.
-        ``run`` returns the stage's metrics (rank 0's value is recorded).
+        ``run`` returns the stage's metrics (rank 0's value is recorded); what it returns under ``provides``
+        joins ``provides`` (what the stage's config tells its consumers) in the manifest.
         """
-        given = self._override(stage, round_index)
+        provides = dict(provides or {})
+        given = self._override(stage, round_index, provides)
         if given is not None:
             if link:
                 self._link(given, round_index)
@@ -170,7 +148,8 @@ class ArtifactStore:
                     f"round {round_index} {stage}: {'resuming' if resumed else 'running'} in {out_dir}"
                 )
                 start = time.time()
-                metrics = run(out_dir)
+                metrics = dict(run(out_dir) or {})
+                provides.update(metrics.pop("provides", {}))
                 manifest = {
                     "stage": stage,
                     "fingerprint": fp,
@@ -178,7 +157,8 @@ class ArtifactStore:
                     "spec": spec,
                     "inputs": {k: {"stage": v.stage, "fingerprint": v.fingerprint, "path": str(v.path)}
                                for k, v in inputs.items()},
-                    "metrics": metrics or {},
+                    "metrics": metrics,
+                    "provides": provides,
                     "duration_s": round(time.time() - start, 3),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 }
@@ -197,17 +177,16 @@ class ArtifactStore:
             yield
             return
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = out_dir.parent / f"{out_dir.name}.lock"
-        with open(lock_path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info(f"waiting for another job that is building {out_dir}")
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        lock = FileLock(str(out_dir.parent / f"{out_dir.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info(f"waiting for another job that is building {out_dir}")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _link(self, artifact: Artifact, round_index: int) -> None:
         if not dist.is_rank_zero():

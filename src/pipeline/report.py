@@ -14,10 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from src.data.palette import colorize
+from src.data.bundle import DataBundle
+from src.ops.labels import seed_labels
 from src.pipeline.results import RunResults
-from src.pipeline.stage import DataBundle
+from src.stages.core import CAMS, MASKS, PREDICTIONS
 from src.utils.io import load_npz, read_image, read_label, save_rgb_png_atomic, write_text_atomic
+from src.utils.labels import colorize
 
 TILE = 128
 
@@ -38,13 +40,6 @@ def cam_overlay(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (0.5 * image + 0.5 * heat).astype(np.uint8)
 
 
-def seed_labels(scores: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
-    if scores.shape[0] == 0:
-        return np.zeros(scores.shape[1:], np.uint8)
-    pred = np.concatenate([np.full((1, *scores.shape[1:]), threshold, np.float32), scores]).argmax(0)
-    return np.concatenate([[0], keys]).astype(np.uint8)[pred]
-
-
 def _row(tiles: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([_tile(t) for t in tiles], axis=1)
 
@@ -54,8 +49,8 @@ def train_panel(run_dir: Path, round_index: int, data: DataBundle, ids: Sequence
     base = run_dir / f"round_{round_index}"
     rows = []
     for image_id in ids:
-        cams = base / "seeds" / "cams" / f"{image_id}.npz"
-        mask = base / "pseudo_masks" / "masks" / f"{image_id}.png"
+        cams = base / "seeds" / CAMS / f"{image_id}.npz"
+        mask = base / "pseudo_masks" / MASKS / f"{image_id}.png"
         if not cams.is_file():
             continue
         image = read_image(data.layout.image_path(image_id))
@@ -74,7 +69,7 @@ def train_panel(run_dir: Path, round_index: int, data: DataBundle, ids: Sequence
 
 
 def val_panel(run_dir: Path, round_index: int, data: DataBundle, split: str, ids: Sequence[str]) -> np.ndarray | None:
-    folder = run_dir / f"round_{round_index}" / "segmentation" / "predictions" / split
+    folder = run_dir / f"round_{round_index}" / "segmentation" / PREDICTIONS / split
     rows = []
     for image_id in ids:
         pred = folder / f"{image_id}.png"
@@ -87,8 +82,14 @@ def val_panel(run_dir: Path, round_index: int, data: DataBundle, split: str, ids
     return np.concatenate(rows) if rows else None
 
 
+def seed_threshold(results: RunResults, round_index: int) -> float | None:
+    """The background threshold the round's seeds were scored at (their stage's ``eval_threshold``)."""
+    seeds = results.rounds.get(round_index, {}).get("stages", {}).get("seeds")
+    return None if seeds is None else seeds["metrics"].get("threshold")
+
+
 def write_report(results: RunResults, data: DataBundle, run_dir: Path, n_images: int = 4,
-                 seed_threshold: float = 0.15, tensorboard_dir: Path | None = None) -> Path:
+                 tensorboard_dir: Path | None = None) -> Path:
     """Write report.md (+ pictures) into the run directory; returns its path."""
     run_dir = Path(run_dir)
     pictures = run_dir / "report"
@@ -102,7 +103,8 @@ def write_report(results: RunResults, data: DataBundle, run_dir: Path, n_images:
     images: dict[str, np.ndarray] = {}
     for r in sorted(results.rounds):
         lines += [f"## Round {r}", ""]
-        panel = train_panel(run_dir, r, data, train_ids, seed_threshold)
+        threshold = seed_threshold(results, r)
+        panel = None if threshold is None else train_panel(run_dir, r, data, train_ids, threshold)
         if panel is not None:
             images[f"round_{r}_train.png"] = panel
             lines += ["Train images: image | ground truth | CAM | seed | pseudo-mask", "",

@@ -2,7 +2,9 @@
 
 Every stage returns metrics with a ``summary`` dict of headline scalars named ``split/metric``
 (``train/seed_miou``, ``train/mask_miou``, ``val/miou``...); the table shows them per round, and with
-CONTA the deltas against round 0.
+a round method the deltas against round 0. The table's columns and the metric a run returns
+(``optimized_metric``) take their split names from the data config, so COCO's ``val2014`` columns show
+as VOC's ``val`` ones do.
 """
 
 from __future__ import annotations
@@ -13,19 +15,26 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.pipeline.artifacts import Artifact
+from src.data.bundle import DataBundle
+from src.stages.core import Artifact
 from src.utils.io import write_json_atomic
 
-# (column title, stage, summary key) of the end-of-run table, in order; absent ones are skipped.
-TABLE_COLUMNS = (
-    ("cls mAP", "classification", "val/map"),
-    ("seed mIoU", "seeds", "train/seed_miou"),
-    ("seed best", "seeds", "train/seed_best_miou"),
-    ("best thr", "seeds", "train/seed_best_threshold"),
-    ("mask mIoU", "pseudo_masks", "train/mask_miou"),
-    ("seg val", "segmentation", "val/miou"),
-    ("seg val_deconf", "segmentation", "val_deconfounded/miou"),
-)
+
+def table_columns(data: DataBundle) -> list[tuple[str, str, str]]:
+    """(column title, stage, summary key) of the end-of-run table, in order; absent ones are skipped."""
+    s, v = data.seed_metric_split, data.val_split
+    return [
+        ("cls mAP", "classification", f"{v}/map"),
+        ("seed mIoU", "seeds", f"{s}/seed_miou"),
+        ("seed best", "seeds", f"{s}/seed_best_miou"),
+        ("best thr", "seeds", f"{s}/seed_best_threshold"),
+        ("mask mIoU", "pseudo_masks", f"{s}/mask_miou"),
+        *[(f"seg {e}", "segmentation", f"{e}/miou") for e in data.eval_splits],
+    ]
+
+
+class MetricMissingError(KeyError):
+    """The run's ``optimized_metric`` is not among its results."""
 
 
 def _fmt(value: Any, key: str) -> str:
@@ -37,9 +46,10 @@ def _fmt(value: Any, key: str) -> str:
 
 
 class RunResults:
-    def __init__(self, cfg: DictConfig, run_dir: Path, data: Any = None) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, data: DataBundle) -> None:
         self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
         self.rounds: dict[int, dict[str, Any]] = {}
+        self.columns = table_columns(data)
 
     def record(self, round_index: int, stage: str, artifact: Artifact, seconds: float) -> None:
         entry = self.rounds.setdefault(round_index, {"round": round_index, "stages": {}, "timings_s": {}})
@@ -59,6 +69,17 @@ class RunResults:
                 out[f"{stage}/{key}"] = value
         return out
 
+    def optimized(self) -> float | None:
+        """The last round's ``optimized_metric`` (what a sweep optimises); None when it is set to null."""
+        key = OmegaConf.select(self.cfg, "optimized_metric")
+        if key is None:
+            return None
+        last = self.summary(max(self.rounds)) if self.rounds else {}
+        if key not in last:
+            raise MetricMissingError(f"optimized_metric={key!r} is not among this run's results "
+                                     f"({sorted(last)}); set optimized_metric to one of them, or to null")
+        return float(last[key])
+
     def deltas(self) -> dict[int, dict[str, float]]:
         """Each round's headline numbers minus round 0's."""
         base = self.summary(0)
@@ -77,9 +98,15 @@ class RunResults:
         return {
             "baseline": OmegaConf.select(cfg, "baseline.name"),
             "conta": OmegaConf.select(cfg, "conta.name", default="off"),
+            "methods": {g: OmegaConf.select(cfg, f"{g}.name") for g in OmegaConf.select(cfg, "methods", default=[])
+                        if OmegaConf.select(cfg, f"{g}.name") is not None},
             "profile": OmegaConf.select(cfg, "profile.name"),
             "data": OmegaConf.select(cfg, "data.name"),
-            "data_root": str(self.data.layout.root) if self.data is not None else None,
+            "data_root": str(self.data.layout.root),
+            "splits": {"train": self.data.train_split, "val": self.data.val_split,
+                       "eval": list(self.data.eval_splits), "seed_eval": self.data.seed_eval_split},
+            "columns": [[title, f"{stage}/{key}"] for title, stage, key in self.columns],
+            "optimized_metric": OmegaConf.select(cfg, "optimized_metric"),
             "seed": OmegaConf.select(cfg, "seed"),
             "rounds": [dict(self.rounds[r], summary=self.summary(r)) for r in sorted(self.rounds)],
             "deltas_vs_round0": {str(k): v for k, v in self.deltas().items()},
@@ -94,7 +121,7 @@ class RunResults:
 
     def table(self) -> str:
         """Plain-text table: one row per round, then delta rows against round 0."""
-        columns = [c for c in TABLE_COLUMNS
+        columns = [c for c in self.columns
                    if any(f"{c[1]}/{c[2]}" in self.summary(r) for r in self.rounds)]
         header = ["round", *[c[0] for c in columns]]
         rows = []

@@ -1,40 +1,49 @@
 """Stage 1 of every baseline: train the multi-label classifier whose CAMs become the seeds.
 
-The network is a plain nn.Module from the baseline config (IRNet's CAMNet, SEAM's net...); this
-module holds the loss, parameter groups and logging. With CONTA (rounds >= 1) it also holds the
-context module and feeds the prior M to the net.
+The network is a plain nn.Module from the baseline config (IRNet's CAMNet, SEAM's net...); the training
+module (``module``: :class:`ClassificationModule`, or SEAM's siamese :class:`SEAMClassificationModule`)
+holds the loss, parameter groups and logging. In rounds where a method feeds it from round r-1 it also
+takes CONTA's confounder set (``context``: the context module joins the net and the prior M is fed to it)
+and a warm start (``warm_start``: the previous classifier or segmentation backbone).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 
-from src.data.datamodule import WSSSDataModule
-from src.data.datasets import WSSSDataset
-from src.data.transforms import build_transform
-from src.pipeline.artifacts import Artifact
-from src.pipeline.stage import Stage, StageContext, fit_resumable, load_state
-from src.stages.base import PolySGDModule, steps_per_epoch
-from src.stages.context import ContextPrior, build_context
-from src.stages.optim import ParamGroup
+from src.models.conta import ContextPrior
+from src.ops.losses import rescale, seam_step_losses
+from src.ops.optim import ParamGroup
+from src.stages.confounder_set import ContextMasks, context_of
+from src.stages.core import Artifact, StageContext, check_number
+from src.stages.training import (
+    PolySGDModule,
+    TrainingStage,
+    build_net,
+    load_state,
+    read_checkpoint,
+)
 from src.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
 class ClassificationModule(PolySGDModule):
+    """Multi-label soft margin on the net's logits; validation mAP / F1 logged as ``<val_split>/map``."""
+
     def __init__(self, net: torch.nn.Module, optim: Mapping[str, Any], max_steps: int,
-                 context: ContextPrior | None = None, attention_lr_mult: float = 10.0) -> None:
+                 context: ContextPrior | None = None, attention_lr_mult: float = 0.0,
+                 val_split: str = "val") -> None:
         super().__init__(net, optim, max_steps)
-        self.context, self.attention_lr_mult = context, attention_lr_mult
+        self.context, self.attention_lr_mult, self.val_split = context, attention_lr_mult, val_split
         k = net.num_classes
         self.val_map = MultilabelAveragePrecision(num_labels=k, average="macro")
         self.val_f1 = MultilabelF1Score(num_labels=k, threshold=0.5, average="macro")
@@ -64,8 +73,8 @@ class ClassificationModule(PolySGDModule):
             self.val_f1.update(torch.sigmoid(logits), target)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/map", self.val_map.compute(), prog_bar=True)
-        self.log("val/f1", self.val_f1.compute())
+        self.log(f"{self.val_split}/map", self.val_map.compute(), prog_bar=True)
+        self.log(f"{self.val_split}/f1", self.val_f1.compute())
         self.val_map.reset()
         self.val_f1.reset()
 
@@ -76,37 +85,68 @@ class ClassificationModule(PolySGDModule):
         return groups
 
 
-def build_classifier(spec: DictConfig, context: Artifact | None, conta_cfg: DictConfig | None
-                     ) -> tuple[torch.nn.Module, ContextPrior | None, Any]:
-    """The classifier of a baseline config, with CONTA's context enabled when ``context`` is given.
+SEAM_LOGGED_TERMS = ("cls", "min_pool", "er", "ecr")
 
-    Returns (net, context module or None, per-image context-mask reader or None)."""
-    net = instantiate(spec.net)
+
+class SEAMClassificationModule(ClassificationModule):
+    """SEAM's siamese step (specs/seam.md): the net on the crop and on the crop rescaled by ``scale``, with
+    :func:`~src.ops.losses.seam_step_losses` (cls on both branches, L_ER, L_ECR, min-pool background term).
+    CONTA's prior M joins BOTH branches (the net's ``ContextInjection`` resizes M to each feature map).
+    Its class scores (validation mAP/F1) are the training ones: the global average of the foreground CAM
+    upsampled to the input."""
+
+    def __init__(self, net: torch.nn.Module, optim: Mapping[str, Any], max_steps: int, scale: float,
+                 ecr_topk: float, min_pool_fraction: float, loss_weights: Mapping[str, float],
+                 context: ContextPrior | None = None, attention_lr_mult: float = 0.0,
+                 val_split: str = "val") -> None:
+        super().__init__(net, optim, max_steps, context, attention_lr_mult, val_split)
+        self.scale, self.ecr_topk, self.min_pool_fraction = scale, ecr_topk, min_pool_fraction
+        self.loss_weights = dict(loss_weights)
+
+    def forward(self, image: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        prior = None if self.context is None else self.context(context_mask)
+        cam, _ = self.net(image, prior)
+        return cam[:, 1:].mean(dim=(2, 3))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image, prior = batch["image"], self.prior(batch)
+        cam1, cam_rv1 = self.net(image, prior)
+        cam2, cam_rv2 = self.net(rescale(image, self.scale), prior)
+        # the loss terms in fp32 under a bf16/fp16 autocast too (1e-5 epsilons of the normalisations)
+        terms = seam_step_losses(cam1.float(), cam_rv1.float(), cam2.float(), cam_rv2.float(), batch["label"],
+                                 self.scale, self.ecr_topk, self.min_pool_fraction, self.loss_weights)
+        return self.log_losses(terms, SEAM_LOGGED_TERMS, "loss", image.shape[0])
+
+
+def with_context(net: torch.nn.Module, context: Artifact | None
+                 ) -> tuple[ContextPrior | None, ContextMasks | None, dict[str, Any]]:
+    """Enable CONTA's context on ``net`` when a confounder-set artifact is given; returns (context module,
+    per-image mask reader, context options), or (None, None, {}) without one."""
     if context is None:
-        return net, None, None
-    net.enable_context(str(conta_cfg.context.inject))
-    prior, masks = build_context(conta_cfg.context, context)
-    return net, prior, masks
+        return None, None, {}
+    net.enable_context(str(context.need("context")["inject"]))  # before the context module: the RNG order
+    prior, masks, options = context_of(context)                   # of the initialisations is part of a result
+    return prior, masks, options
 
 
-def load_classifier(ctx: StageContext, role: str = "model", stage: str = "classification"
-                    ) -> tuple[torch.nn.Module, ContextPrior | None, Any]:
-    """Rebuild the trained classifier of this round from its checkpoint (for seeds)."""
-    context = ctx.inputs.get("context")
-    net, prior, masks = build_classifier(ctx.spec_of(stage), context, ctx.cfg.get("conta"))
-    checkpoint = ctx.input(role).checkpoint
-    load_state(net, checkpoint, "net.", f"{stage} network")
+def load_classifier(model: Artifact, context: Artifact | None
+                    ) -> tuple[torch.nn.Module, ContextPrior | None, ContextMasks | None]:
+    """The trained classifier of a classification artifact (with its context module when the round used
+    CONTA), in eval mode: (net, context module or None, per-image context-mask reader or None)."""
+    net = build_net(model)
+    prior, masks, _ = with_context(net, context)
+    load_state(net, model.checkpoint, "net.", f"{model.stage} network")
     if prior is not None:
-        load_state(prior, checkpoint, "context.", f"{stage} context module")
-    return net, prior, masks
+        load_state(prior, model.checkpoint, "context.", f"{model.stage} context module")
+        prior.eval()
+    return net.eval(), prior, masks
 
 
-def warm_start(net: torch.nn.Module, source: Artifact, stage_name: str) -> None:
+def warm_start(net: torch.nn.Module, source: Artifact) -> None:
     """CONTA's warm start: copy the matching weights of the previous round's classifier or the
     segmentation model's backbone (specs/conta.md ``conta.warm_start``)."""
-    state = torch.load(source.checkpoint, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    if stage_name == "segmentation":
+    state = read_checkpoint(source.checkpoint, f"warm start from {source.stage}")
+    if source.stage == "segmentation":
         prefix, target, what = "net.backbone.", net.backbone, "segmentation backbone"
     else:
         prefix, target, what = "net.", net, "previous classifier"
@@ -121,40 +161,41 @@ def warm_start(net: torch.nn.Module, source: Artifact, stage_name: str) -> None:
              + (f"; kept the fresh init for {len(skipped)} ({', '.join(skipped[:4])}...)" if skipped else ""))
 
 
-class ClassificationStage(Stage):
-    uses_context = True
+class ClassificationStage(TrainingStage):
+    """Trains ``net`` with ``module`` (a partial LightningModule config); provides the net, its output stride
+    and the feature-map size at the training crop (CONTA's confounder set has that size)."""
 
-    def __init__(self, net: DictConfig, epochs: int, batch_size: int, optim: DictConfig,
-                 augment: list, crop_size: int | None = None, inputs: Mapping[str, str] | None = None) -> None:
-        super().__init__(inputs)
-        self.net_cfg, self.epochs, self.batch_size = net, epochs, batch_size
-        self.optim, self.augment, self.crop_size = optim, augment, crop_size
+    optional_inputs = frozenset({"context", "warm_start"})
 
-    def make_module(self, net: torch.nn.Module, optim: Mapping[str, Any], max_steps: int,
-                    context: ContextPrior | None, attention_lr_mult: float) -> pl.LightningModule:
-        """The training module of this classifier (a hook: SEAM's stage trains its siamese pair instead)."""
-        return ClassificationModule(net, optim, max_steps, context, attention_lr_mult)
+    def __init__(self, net: DictConfig, module: DictConfig, epochs: int, batch_size: int, optim: DictConfig,
+                 augment: list, crop_size: int, inputs: Mapping[str, str] | None = None) -> None:
+        super().__init__(net, epochs, batch_size, optim, augment, inputs)
+        check_number("crop_size", crop_size, 1, integer=True)
+        self.module_cfg, self.crop_size = module, crop_size
+
+    def provides(self) -> dict[str, Any]:
+        return {**super().provides(), "crop_size": self.crop_size}
+
+    def make_module(self, net: torch.nn.Module, max_steps: int, context: ContextPrior | None,
+                    options: Mapping[str, Any], val_split: str) -> pl.LightningModule:
+        make: Callable[..., pl.LightningModule] = instantiate(self.module_cfg, _partial_=True)
+        return make(net=net, optim=self.optim, max_steps=max_steps, context=context,
+                    attention_lr_mult=float(options.get("attention_lr_mult", 0.0)), val_split=val_split)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        spec = DictConfig({"net": self.net_cfg})
-        net, prior, masks = build_classifier(spec, ctx.inputs.get("context"), ctx.cfg.get("conta"))
-        if "warm_start" in ctx.inputs:
-            source = ctx.inputs["warm_start"]
-            warm_start(net, source, source.stage)
-        extras = [masks] if masks is not None else []
+        net = instantiate(self.net_cfg)
+        prior, masks, options = with_context(net, ctx.optional("context"))
+        if ctx.optional("warm_start") is not None:
+            warm_start(net, ctx.input("warm_start"))
         data = ctx.data
-        train = WSSSDataset(data.layout, data.train_split, build_transform(self.augment), extras=extras,
-                            seed=ctx.seed)
-        val = WSSSDataset(data.layout, data.val_split, ctx.eval_transform(), extras=extras)
-        trainer = ctx.make_trainer(max_epochs=self.epochs, checkpointing=True)
-        max_steps = steps_per_epoch(len(train), self.batch_size, trainer.world_size) * self.epochs
-        attention_lr = float(OmegaConf.select(ctx.cfg, "conta.context.attention_lr_mult", default=10.0))
-        module = self.make_module(net, OmegaConf.to_container(self.optim, resolve=True), max_steps, prior,
-                                  attention_lr)
-        dm = WSSSDataModule(train, val, batch_size=self.batch_size, seed=ctx.seed, **ctx.loader_kwargs())
-        fit_resumable(trainer, module, dm, ctx.out_dir)
-        if "val/map" not in trainer.callback_metrics:  # resumed after the last epoch: score once more
-            trainer.validate(module, datamodule=dm, verbose=False)
+        fitted = self.fit(ctx, lambda max_steps: self.make_module(net, max_steps, prior, options, data.val_split),
+                          extras=[masks] if masks is not None else [], validate=True)
+        trainer, max_steps = fitted.trainer, fitted.max_steps
+        key = f"{data.val_split}/map"
+        if key not in trainer.callback_metrics:  # resumed after the last epoch: score once more
+            trainer.validate(fitted.module, datamodule=fitted.datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        return {"summary": {k: v for k, v in metrics.items() if k.startswith("val/")},
-                "final": metrics, "max_steps": max_steps}
+        side = -(-self.crop_size // net.output_stride)
+        return {"summary": {k: v for k, v in metrics.items() if k.startswith(f"{data.val_split}/")},
+                "final": metrics, "max_steps": max_steps,
+                "provides": {"output_stride": net.output_stride, "feature_size": [side, side]}}

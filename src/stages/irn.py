@@ -3,7 +3,7 @@
 Each training crop's IR label is sampled at stride 4 (pixels 4i+2, as the reference loader), pixel
 pairs within ``radius`` become positive (same class / both background), negative (different classes)
 or ignored (any end unknown), and the inter-pixel affinity + displacement losses are averaged over
-the pairs of the whole batch.
+the pairs of the whole batch (:func:`~src.ops.losses.irn_loss_terms`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from typing import Any
 
 import torch
 
-from src.inference.path_index import PathIndex, affinity_labels
-from src.models.irn import irn_loss_terms
-from src.pipeline.stage import StageContext
-from src.stages.base import PolySGDModule, RefinerTrainingStage, load_trained_net
+from src.ops.losses import irn_loss_terms
+from src.ops.path_index import PathIndex, affinity_labels
+from src.stages.core import StageContext
+from src.stages.training import PolySGDModule, RefinerTrainingStage
 from src.utils.dist import global_mean_count
 
 LABEL_STRIDE = 4
 LABEL_OFFSET = 2  # the reference shrinks labels by nearest-neighbour sampling of pixels 4i + 2
+LOGGED_TERMS = ("pos_aff", "neg_aff", "dp_fg", "dp_bg")
 
 
 class IRNModule(PolySGDModule):
@@ -41,24 +42,11 @@ class IRNModule(PolySGDModule):
         index = self.path_index((h, w))
         bg_pos, fg_pos, neg = affinity_labels(labels, index)
         terms = irn_loss_terms(edge_logits, displacement, bg_pos, fg_pos, neg, index, count=global_mean_count)
-        n = edge_logits.shape[0]
-        for key in ("pos_aff", "neg_aff", "dp_fg", "dp_bg"):
-            self.log(f"train/{key}", terms[key], batch_size=n)
-        self.log("train/loss", terms["total"], prog_bar=True, batch_size=n)
-        return terms["total"]
-
-
-def load_irn(ctx: StageContext, role: str = "model", stage: str = "irn") -> torch.nn.Module:
-    return load_trained_net(ctx, stage, role)
+        return self.log_losses(terms, LOGGED_TERMS, "total", edge_logits.shape[0])
 
 
 class IRNStage(RefinerTrainingStage):
-    """Trains IRN on the IR labels (conf/refinement/irn.yaml ``irn``); writes ``model.ckpt``."""
+    """Trains IRN on the ``labels`` input's IR labels (conf/refinement/irn.yaml ``irn``); writes ``model.ckpt``."""
 
-    def labels_folder(self) -> str:
-        from src.inference.ir_labels import IRLabelStage
-
-        return IRLabelStage.folder
-
-    def make_module(self, net: torch.nn.Module, optim: dict, max_steps: int, ctx: StageContext) -> IRNModule:
-        return IRNModule(net, self.radius, optim, max_steps)
+    def make_module(self, net: torch.nn.Module, max_steps: int, ctx: StageContext) -> IRNModule:
+        return IRNModule(net, self.radius, self.optim, max_steps)

@@ -70,6 +70,14 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def reduce_device() -> torch.device:
+    """Where tensors must be to be reduced across ranks: this rank's GPU under NCCL, else the CPU
+    (torchmetrics states are synced where they live)."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over ranks (in place; returned for chaining). Works for gloo and nccl."""
     if not is_dist():

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from src.data.palette import voc_palette
+from src.utils.labels import voc_palette
 
 cv2.setNumThreads(1)
 

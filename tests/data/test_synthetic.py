@@ -208,7 +208,8 @@ def test_synthetic_layout_generates_once_and_reuses(tmp_path):
     spec = {**SMALL, "num_train": 3}
     first = synthetic_layout(tmp_path / "cache", spec)
     files = sorted(p for p in first.root.rglob("*") if p.is_file())
-    assert (first.root / "manifest.json").is_file() and (first.root / "summary.json").is_file()
+    assert first.root.parent == tmp_path / "cache" / "datasets" / "synthetic"
+    assert (first.root / "summary.json").is_file()  # written last: the mark of a finished generation
     assert first.ids("train") == ("train_00000", "train_00001", "train_00002")
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     second = synthetic_layout(tmp_path / "cache", SyntheticSpec(**spec))
@@ -217,6 +218,16 @@ def test_synthetic_layout_generates_once_and_reuses(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # nothing rewritten
     other = synthetic_layout(tmp_path / "cache", {**spec, "seed": 5})
     assert other.root != first.root
+
+
+def test_synthetic_layout_generates_again_when_interrupted(tmp_path):
+    spec = {**SMALL, "num_train": 3}
+    first = synthetic_layout(tmp_path / "cache", spec)
+    (first.root / "summary.json").unlink()  # as if killed before the end
+    (first.root / "JPEGImages" / "train_00001.jpg").unlink()
+    again = synthetic_layout(tmp_path / "cache", spec)
+    assert again.root == first.root and (again.root / "JPEGImages" / "train_00001.jpg").is_file()
+    assert (again.root / "summary.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------- spec checks

@@ -1,5 +1,5 @@
-"""Segmentation metrics (src/metrics/segmentation.py) and file scoring (src/inference/scoring.py)
-against hand-computed numbers and brute force."""
+"""Segmentation metrics (src/metrics/segmentation.py) and the scoring of written files (src/stages/predict.py,
+src/stages/seeds.py) against hand-computed numbers and brute force."""
 
 from __future__ import annotations
 
@@ -9,10 +9,26 @@ import numpy as np
 import pytest
 import torch
 
+from src.data.bundle import DataBundle
 from src.data.voc import VOCLayout
-from src.inference.scoring import score_cams, score_label_maps
-from src.metrics.segmentation import CAMThresholdSweep, SegmentationMetric, confusion_matrix, scores_from_confusion
+from src.metrics.segmentation import CAMThresholdSweep, SegmentationMetric, scores_from_confusion
+from src.stages.predict import score_cam_folder, score_label_folder
 from src.utils.io import save_jpeg_atomic, save_label_png_atomic, save_npz_atomic, write_text_atomic
+
+
+def metric_confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) confusion matrix [gt, pred] of two label maps by SegmentationMetric (gt 255 ignored)."""
+    metric = SegmentationMetric(num_classes)
+    metric.update(torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(gt)))
+    return metric.compute().numpy()
+
+
+def counted_confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """The same matrix counted pixel by pixel in numpy: the oracle of the SegmentationMetric tests."""
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    valid = gt != 255
+    np.add.at(conf, (gt[valid].astype(np.int64), pred[valid].astype(np.int64)), 1)
+    return conf
 
 
 # ------------------------------------------------------------------------------ scores_from_confusion
@@ -57,24 +73,22 @@ def test_scores_perfect_and_empty():
     assert math.isnan(empty["miou"]) and math.isnan(empty["pixel_accuracy"])
 
 
-# ------------------------------------------------------------------------ confusion_matrix / metric
-def test_confusion_matrix_hand_computed_ignores_255():
+# ------------------------------------------------------------------------------- SegmentationMetric
+def test_segmentation_metric_hand_computed_ignores_255():
     gt = np.array([[0, 1, 255], [2, 2, 1]], np.uint8)
     pred = np.array([[0, 2, 1], [2, 0, 1]], np.uint8)
     expected = np.array([[1, 0, 0],
                          [0, 1, 1],
                          [1, 0, 1]])
-    np.testing.assert_array_equal(confusion_matrix(pred, gt, 3), expected)
+    metric = SegmentationMetric(3)
+    metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    conf = metric.compute()
+    assert isinstance(conf, torch.Tensor)
+    np.testing.assert_array_equal(conf.numpy(), expected)
+    np.testing.assert_array_equal(counted_confusion(pred, gt, 3), expected)  # the oracle below agrees
 
 
-def test_confusion_matrix_rejects_out_of_range_ids():
-    with pytest.raises(ValueError, match="ground truth holds class id 3"):
-        confusion_matrix(np.zeros((2, 2), np.uint8), np.full((2, 2), 3, np.uint8), 3)
-    with pytest.raises(ValueError, match="prediction holds class id 5"):
-        confusion_matrix(np.full((2, 2), 5, np.uint8), np.zeros((2, 2), np.uint8), 3)
-
-
-def test_segmentation_metric_equals_confusion_matrix_and_ignores_255():
+def test_segmentation_metric_equals_counted_confusion_and_ignores_255():
     rng = np.random.default_rng(0)
     n = 4
     metric = SegmentationMetric(n, class_names=["bg", "a", "b", "c"])
@@ -84,7 +98,7 @@ def test_segmentation_metric_equals_confusion_matrix_and_ignores_255():
         gt[rng.random(gt.shape) < 0.2] = 255
         pred = rng.integers(0, n, gt.shape).astype(np.uint8)
         metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
-        total += confusion_matrix(pred, gt, n)
+        total += counted_confusion(pred, gt, n)
     np.testing.assert_array_equal(metric.compute().numpy(), total)
     assert total.sum() < 3 * 2 * 9 * 7  # some pixels were ignored
     s = metric.scores()
@@ -107,7 +121,7 @@ def brute_force(scores: np.ndarray, keys: np.ndarray, gt: np.ndarray, t: float, 
     planes = np.concatenate([np.full((1, *gt.shape), t, np.float64), scores.astype(np.float64)])
     idx = planes.argmax(0)
     lut = np.concatenate([[0], np.asarray(keys, np.int64)])
-    return confusion_matrix(lut[idx], gt, num_classes)
+    return metric_confusion(lut[idx], gt, num_classes)
 
 
 def test_sweep_hand_computed_one_class():
@@ -180,8 +194,10 @@ def test_sweep_merge_equals_single_pass():
         gt = rng.integers(0, 3, (5, 5)).astype(np.uint8)
         whole.update(scores, np.array([1, 2]), gt)
         (a if i % 2 else b).update(scores, np.array([1, 2]), gt)
-    a.merge(b)
-    np.testing.assert_array_equal(a.hist, whole.hist)
+    a.merge_state(b)  # torchmetrics' merge: the histograms (a summed state) add up
+    assert isinstance(a.hist, torch.Tensor)
+    np.testing.assert_array_equal(a.hist.numpy(), whole.hist.numpy())
+    assert a.results()["miou_per_threshold"] == whole.results()["miou_per_threshold"]
 
 
 def test_sweep_image_without_class_is_all_background():
@@ -202,16 +218,20 @@ def tiny_layout(tmp_path):
         save_jpeg_atomic(root / "JPEGImages" / f"{image_id}.jpg", np.zeros((2, 2, 3), np.uint8))
         save_label_png_atomic(root / "SegmentationClass" / f"{image_id}.png", gt)
     write_text_atomic(root / "ImageSets" / "Segmentation" / "train.txt", "a\nb\n")
-    return VOCLayout(root, ["x", "y"]), gts
+    layout = VOCLayout(root, ["x", "y"])
+    data = DataBundle(layout, train_split="train", val_split="train", eval_splits=["train"],
+                      seed_eval_split="train", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), loader={})
+    assert data.class_names == ["background", "x", "y"]
+    return data, gts
 
 
-def test_score_label_maps_reads_files(tiny_layout, tmp_path):
-    layout, gts = tiny_layout
+def test_score_label_folder_reads_files(tiny_layout, tmp_path):
+    data, gts = tiny_layout
     preds = {"a": np.array([[0, 1], [0, 2]], np.uint8), "b": np.array([[2, 0], [0, 0]], np.uint8)}
     for image_id, pred in preds.items():
         save_label_png_atomic(tmp_path / "pred" / f"{image_id}.png", pred)
-    out = score_label_maps(layout, ["a", "b"], tmp_path / "pred", ["background", "x", "y"])
-    conf = sum(confusion_matrix(preds[i], gts[i], 3) for i in ("a", "b"))
+    out = score_label_folder(data, ["a", "b"], tmp_path / "pred")
+    conf = sum(metric_confusion(preds[i], gts[i], 3) for i in ("a", "b"))
     assert out["miou"] == pytest.approx(scores_from_confusion(conf)["miou"])
     # by hand: bg 3/4 right (+1 missed y pixel as bg), x: 1 of 2, y: 1 of 2
     assert out["iou"]["background"] == pytest.approx(3 / (3 + 2))
@@ -220,14 +240,23 @@ def test_score_label_maps_reads_files(tiny_layout, tmp_path):
     assert out["images"] == 2
     save_label_png_atomic(tmp_path / "pred" / "a.png", np.zeros((3, 2), np.uint8))
     with pytest.raises(ValueError, match=r"a\.png is \(3, 2\), ground truth is \(2, 2\)"):
-        score_label_maps(layout, ["a"], tmp_path / "pred", ["background", "x", "y"])
+        score_label_folder(data, ["a"], tmp_path / "pred")
 
 
-def test_score_cams_reads_npz(tiny_layout, tmp_path):
-    layout, gts = tiny_layout
+def test_score_label_folder_rejects_out_of_range_prediction_ids(tiny_layout, tmp_path):
+    """SegmentationMetric does not check class ids (torchmetrics with validate_args=False); the scoring of
+    written label maps does, for the predictions."""
+    data, _ = tiny_layout
+    save_label_png_atomic(tmp_path / "pred" / "a.png", np.full((2, 2), 5, np.uint8))
+    with pytest.raises(ValueError, match=r"a\.png holds class id 5 >= 3"):
+        score_label_folder(data, ["a"], tmp_path / "pred")
+
+
+def test_score_cam_folder_reads_npz(tiny_layout, tmp_path):
+    data, gts = tiny_layout
     save_npz_atomic(tmp_path / "cams" / "a.npz", high_res=np.array([[[0.1, 0.9], [0.4, 0.8]]]), keys=np.array([1]))
     save_npz_atomic(tmp_path / "cams" / "b.npz", high_res=np.array([[[0.6, 0.2], [0.1, 0.1]]]), keys=np.array([2]))
-    out = score_cams(layout, ["a", "b"], tmp_path / "cams", ["background", "x", "y"], [0.3, 0.5], 0.5)
+    out = score_cam_folder(data, ["a", "b"], tmp_path / "cams", [0.3, 0.5], 0.5)
     # t = 0.5: a -> [[0,1],[0,-]], b -> [[2,0],[0,0]]
     conf = np.array([[3, 0, 0], [1, 1, 0], [1, 0, 1]])
     assert out["at_threshold"]["miou"] == pytest.approx(scores_from_confusion(conf)["miou"])
@@ -242,12 +271,12 @@ def test_seed_metrics_says_when_the_best_threshold_is_the_sweeps_end(tiny_layout
     """A best threshold at the upper end of the sweep is a lower bound: the run says so (note + log)."""
     from types import SimpleNamespace
 
-    from src.inference.cams import seed_metrics
+    from src.stages.seeds import seed_metrics
 
-    layout, _ = tiny_layout
+    data, _ = tiny_layout
     save_npz_atomic(tmp_path / "cams" / "a.npz", high_res=np.array([[[0.1, 0.9], [0.4, 0.8]]]), keys=np.array([1]))
     save_npz_atomic(tmp_path / "cams" / "b.npz", high_res=np.array([[[0.6, 0.2], [0.1, 0.1]]]), keys=np.array([2]))
-    data = SimpleNamespace(layout=layout, class_names=["background", "x", "y"], seed_eval_ids=lambda: ["a", "b"])
+    assert data.seed_eval_ids() == ["a", "b"] and data.seed_metric_split == "train"
     ctx = SimpleNamespace(data=data)
     # 0.05 labels the 0.1 background pixels as foreground, 0.1 does not: the best is the top of the sweep
     capped = seed_metrics(ctx, tmp_path / "cams", 0.1, [0.05, 0.1])

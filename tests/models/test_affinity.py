@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from src.inference.pairs import half_plane_offsets
-from src.models.affinity import (
-    AffinityNet,
-    affinity_labels_in_radius,
-    affinity_loss,
-    pair_affinity,
-    to_label_layout,
-)
+from src.models.affinity import AffinityNet, pair_affinity
 from src.models.resnet38d import ResNet38d, resnet38d
-from src.stages.optim import build_sgd
+from src.ops.losses import affinity_loss
+from src.ops.optim import build_sgd
+from src.ops.pairs import affinity_labels_in_radius, half_plane_offsets, to_label_layout
+
+RADIUS = 5  # the spec's AffinityNet pair radius (profile.affinity.radius)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,7 +37,7 @@ def test_shapes_tiny_and_full() -> None:
     net = tiny_net().eval()
     with torch.no_grad():
         f = net(torch.randn(2, 3, 32, 40))
-        aff = net.affinity(torch.randn(2, 3, 32, 40))
+        aff = net.affinity(torch.randn(2, 3, 32, 40), RADIUS)
     assert f.shape == (2, 448, 4, 5) and f.min() > -1
     assert aff.shape == (2, 34, 4, 5) and aff.min() >= 0 and aff.max() <= 1
     with torch.device("meta"):  # full width: shapes only, nothing allocated
@@ -83,7 +80,7 @@ def test_label_layout_matches_reference_pair_indices() -> None:
     ours = to_label_layout(pair_affinity(f, radius), radius)
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="no pixel with all radius-5 partners"):
-        to_label_layout(torch.zeros(1, 34, 4, 8))
+        to_label_layout(torch.zeros(1, 34, 4, 8), RADIUS)
 
 
 def test_affinity_labels_on_a_hand_made_map() -> None:
@@ -122,8 +119,8 @@ def test_loss_trains_head_and_unfrozen_backbone() -> None:
     net = tiny_net(norm="batch", freeze_stem=True).train()
     label = torch.randint(0, 3, (2, 6, 12))
     label[:, 0, 0] = 255
-    aff = to_label_layout(net.affinity(torch.randn(2, 3, 48, 96)))
-    out = affinity_loss(aff, *affinity_labels_in_radius(label))
+    aff = to_label_layout(net.affinity(torch.randn(2, 3, 48, 96), RADIUS), RADIUS)
+    out = affinity_loss(aff, *affinity_labels_in_radius(label, RADIUS))
     out["loss"].backward()
     assert net.f9.weight.grad.abs().sum() > 0 and net.backbone.b4.conv_branch2a.weight.grad.abs().sum() > 0
     assert net.backbone.conv1a.weight.grad is None and net.backbone.b2_2.conv_branch2a.weight.grad is None

@@ -1,5 +1,5 @@
-"""DeepLab-v2 (src/models/deeplab.py): ASPP, multi-scale inputs (MSC), the MSC loss and the
-reference's parameter groups."""
+"""DeepLab-v2 (src/models/deeplab.py): ASPP, multi-scale inputs (MSC), the MSC loss (src/ops/losses.py) and
+the reference's parameter groups."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.models.deeplab import ASPP, DeepLabV2, msc_forward, msc_loss, predict_probs
+from src.models.deeplab import ASPP, DeepLabV2, msc_forward, predict_probs
 from src.models.resnet import resnet
-from src.stages.optim import build_sgd
+from src.ops.losses import msc_loss
+from src.ops.optim import build_sgd
 
 
 def tiny_deeplab(num_classes: int = 5) -> DeepLabV2:
@@ -107,7 +108,8 @@ def test_msc_loss_ignores_255():
 
 def test_param_groups_1x_10x_20x_and_no_decay_on_biases():
     net = tiny_deeplab()
-    groups = net.param_groups(head_lr_mult=10)
+    # the reference recipe (conf/segmentation/deeplab_v2.yaml): ASPP weights 10x, biases 20x without decay
+    groups = net.param_groups(head_lr_mult=10, head_bias_lr_mult=20, head_bias_weight_decay=0.0)
     opt = build_sgd(groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert [g["name"] for g in opt.param_groups] == ["backbone", "aspp_weight", "aspp_bias"]

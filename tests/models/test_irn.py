@@ -7,17 +7,11 @@ import math
 import pytest
 import torch
 
-from src.inference.path_index import PathIndex, affinity_labels
-from src.models.irn import (
-    IRN,
-    MeanShift,
-    affinity_from_edge,
-    irn_loss_terms,
-    pair_displacement,
-    stage_strides,
-)
+from src.models.irn import IRN, MeanShift, stage_strides
 from src.models.resnet import resnet
-from src.stages.optim import build_sgd
+from src.ops.losses import affinity_from_edge, irn_loss_terms, pair_displacement
+from src.ops.optim import build_sgd
+from src.ops.path_index import PathIndex, affinity_labels
 
 
 def tiny_irn(freeze: bool, **kwargs) -> IRN:
@@ -79,7 +73,12 @@ def test_trainable_backbone_gets_gradient() -> None:
 
 
 def test_param_groups_and_lr_multipliers() -> None:
-    frozen = tiny_irn(freeze=True)
+    plain = tiny_irn(freeze=False)  # the net's own defaults: every group at the base lr
+    assert [(g.name, g.lr_mult) for g in plain.param_groups()] == [
+        ("edge", 1.0), ("displacement", 1.0), ("backbone", 1.0)]
+
+    # the reference's multipliers (conf/refinement/irn.yaml): displacement branch at 10x
+    frozen = tiny_irn(freeze=True, dp_lr_mult=10)
     groups = frozen.param_groups()
     assert [(g.name, g.lr_mult) for g in groups] == [("edge", 1.0), ("displacement", 10.0)]
     branch_ids = {id(p) for g in groups for p in g.params}
@@ -89,7 +88,7 @@ def test_param_groups_and_lr_multipliers() -> None:
     opt = build_sgd(groups, lr=0.1, momentum=1e-4, weight_decay=1e-4)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 1.0])  # spec: 0.1 / 1.0
 
-    trainable = tiny_irn(freeze=False)
+    trainable = tiny_irn(freeze=False, dp_lr_mult=10)
     groups = trainable.param_groups()
     assert [(g.name, g.lr_mult) for g in groups] == [("edge", 1.0), ("displacement", 10.0), ("backbone", 1.0)]
     assert {id(p) for g in groups for p in g.params} == {id(p) for p in trainable.parameters()}

@@ -13,20 +13,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from src.models.resnet38d import ResNet38d, resnet38d
-from src.models.seam import (
-    SEAM,
+from src.models.seam import SEAM, pcm_seed
+from src.ops.losses import (
     classification_loss,
     ecr_loss,
     equivariant_loss,
     max_norm,
     max_onehot,
     min_pool_loss,
-    pcm_seed,
     rescale,
     seam_step_losses,
     with_background,
 )
-from src.stages.optim import build_sgd
+from src.ops.optim import build_sgd
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,6 +38,12 @@ def one_thread():
 
 
 E = 1e-5
+# The reference's hyper-parameters (specs/seam.md, train_SEAM.py; conf/classification/seam.yaml ``module``):
+# the siamese branch at scale 0.3, L_ECR over the top 20 % errors, the min-pool term over h*w//4 pixels, and
+# every term of the total counted once.
+SCALE, ECR_TOPK, MIN_POOL_FRACTION = 0.3, 0.2, 0.25
+LOSS_WEIGHTS = {"min_pool": 1.0, "er": 1.0, "ecr": 1.0}
+REFERENCE = {"scale": SCALE, "topk": ECR_TOPK, "min_pool_fraction": MIN_POOL_FRACTION, "weights": LOSS_WEIGHTS}
 
 
 def tiny_seam(**kwargs) -> SEAM:
@@ -241,10 +246,10 @@ def test_ecr_loss_by_hand() -> None:
                                      [[0.0, 0.6], [0.5, 0.0]]]])
     torch.testing.assert_close(target, expected_target)
     # k = int(3 * 2 * 2 * 0.2) = 2: the two largest errors against a zero map are 1.0 and 0.9
-    assert ecr_loss(torch.zeros(1, 3, 2, 2), other).item() == pytest.approx(0.95, rel=1e-6)
+    assert ecr_loss(torch.zeros(1, 3, 2, 2), other, ECR_TOPK).item() == pytest.approx(0.95, rel=1e-6)
     rv = expected_target.clone()
     rv[0, 2, 0, 1] = 0.0  # one error of 0.6, the rest 0: top-2 mean 0.3
-    assert ecr_loss(rv, other).item() == pytest.approx(0.3, rel=1e-6)
+    assert ecr_loss(rv, other, ECR_TOPK).item() == pytest.approx(0.3, rel=1e-6)
 
 
 def test_min_pool_loss_by_hand() -> None:
@@ -252,9 +257,9 @@ def test_min_pool_loss_by_hand() -> None:
     b = torch.tensor([[0.2, -2.0, 0.9, 0.4], [0.05, 0.1, 0.1, 0.1]])
     x = torch.stack([a, b])[None]  # (1, 2, 2, 4): per-pixel max [.3, -1, .9, .4, .05, .7, .2, .6]
     # k = 8 // 4 = 2 smallest maxima: -1 -> ReLU 0, and 0.05
-    assert min_pool_loss(x).item() == pytest.approx(0.05 / 2, rel=1e-6)
+    assert min_pool_loss(x, MIN_POOL_FRACTION).item() == pytest.approx(0.05 / 2, rel=1e-6)
     batch = torch.cat([x, torch.full_like(x, 0.5)])
-    assert min_pool_loss(batch).item() == pytest.approx((0.05 + 1.0) / 4, rel=1e-6)
+    assert min_pool_loss(batch, MIN_POOL_FRACTION).item() == pytest.approx((0.05 + 1.0) / 4, rel=1e-6)
 
 
 def bilinear_ramp(h: int, w: int, coeffs: torch.Tensor) -> torch.Tensor:
@@ -270,15 +275,15 @@ def test_er_vanishes_for_an_equivariant_map() -> None:
     torch.manual_seed(3)
     coeffs = torch.rand(2, 21, 4)
     cam1, cam2 = bilinear_ramp(40, 50, coeffs), bilinear_ramp(12, 15, coeffs)
-    assert rescale(cam1).shape == cam2.shape
+    assert rescale(cam1, SCALE).shape == cam2.shape
     labels = torch.ones(2, 20)
     rv1, rv2 = torch.rand(2, 21, 40, 50), torch.rand(2, 21, 12, 15)
-    terms = seam_step_losses(cam1, rv1, cam2, rv2, labels)
+    terms = seam_step_losses(cam1, rv1, cam2, rv2, labels, **REFERENCE)
     assert terms["er"].item() < 1e-6
-    flipped = seam_step_losses(cam1, rv1, cam2.flip(-1), rv2, labels)
+    flipped = seam_step_losses(cam1, rv1, cam2.flip(-1), rv2, labels, **REFERENCE)
     assert flipped["er"].item() > 0.05
     with pytest.raises(ValueError, match="rescale\\(img, 0.3\\)"):
-        seam_step_losses(cam1, rv1, cam1, rv1, labels)
+        seam_step_losses(cam1, rv1, cam1, rv1, labels, **REFERENCE)
 
 
 def test_step_losses_route_gradients_as_reference() -> None:
@@ -286,7 +291,7 @@ def test_step_losses_route_gradients_as_reference() -> None:
     torch.manual_seed(4)
     cams = [torch.randn(2, 5, 20, 20, requires_grad=True), torch.randn(2, 5, 20, 20, requires_grad=True),
             torch.randn(2, 5, 6, 6, requires_grad=True), torch.randn(2, 5, 6, 6, requires_grad=True)]
-    terms = seam_step_losses(*[c.abs() for c in cams], torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]]))
+    terms = seam_step_losses(*[c.abs() for c in cams], torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]]), **REFERENCE)
     for key, reaches in (("cls", (0, 2)), ("er", (0, 2)), ("ecr", (1, 3)), ("min_pool", (1, 3))):
         grads = torch.autograd.grad(terms[key], cams, allow_unused=True, retain_graph=True)
         reached = [g is not None and bool(g.abs().sum() > 0) for g in grads]
@@ -302,13 +307,15 @@ def test_step_loss_weights_scale_the_terms() -> None:
     cams = [torch.randn(2, 5, 20, 20).abs(), torch.randn(2, 5, 20, 20).abs(),
             torch.randn(2, 5, 6, 6).abs(), torch.randn(2, 5, 6, 6).abs()]
     labels = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]])
-    ref = seam_step_losses(*cams, labels)
-    ablated = seam_step_losses(*cams, labels, weights={"er": 0.0, "ecr": 0.5})
+    ref = seam_step_losses(*cams, labels, **REFERENCE)
+    ablated = seam_step_losses(*cams, labels, **{**REFERENCE, "weights": {"min_pool": 1.0, "er": 0.0, "ecr": 0.5}})
     torch.testing.assert_close(ablated["er"], ref["er"])
     torch.testing.assert_close(ablated["loss"], ref["cls"] + ref["min_pool"] + 0.5 * ref["ecr"])
     assert float(ref["er"]) > 0  # so dropping it changes the total
     with pytest.raises(ValueError, match=r"SEAM loss weights are \['ecr', 'er', 'min_pool'\], got .*'erc'"):
-        seam_step_losses(*cams, labels, weights={"erc": 1.0})
+        seam_step_losses(*cams, labels, **{**REFERENCE, "weights": {**LOSS_WEIGHTS, "erc": 1.0}})
+    with pytest.raises(ValueError, match=r"SEAM loss weights are \['ecr', 'er', 'min_pool'\], got \['ecr', 'er'\]"):
+        seam_step_losses(*cams, labels, **{**REFERENCE, "weights": {"er": 1.0, "ecr": 1.0}})  # one missing
 
 
 # --------------------------------------------------------- one step against an independent numpy version
@@ -367,7 +374,7 @@ def test_step_losses_match_numpy_composition() -> None:
     cam2 = rng.normal(size=(n, c, hs, ws)).astype(np.float32)
     rv2 = rng.uniform(0, 1, (n, c, hs, ws)).astype(np.float32)
     labels = np.array([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 1]], np.float32)
-    ours = seam_step_losses(*(torch.from_numpy(a) for a in (cam1, rv1, cam2, rv2, labels)))
+    ours = seam_step_losses(*(torch.from_numpy(a) for a in (cam1, rv1, cam2, rv2, labels)), **REFERENCE)
     expected = np_step(cam1, rv1, cam2, rv2, labels)
     for key, value in expected.items():
         assert ours[key].item() == pytest.approx(value, rel=1e-4, abs=1e-6), key

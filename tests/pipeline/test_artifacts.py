@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from src.pipeline.artifacts import MANIFEST, Artifact, ArtifactStore, fingerprint
+from src.pipeline.artifacts import ArtifactStore, fingerprint
+from src.stages.core import MANIFEST, Artifact
 
 
 class Runner:

@@ -1,5 +1,5 @@
 """Config composition and early checks (src/pipeline/validate.py) and the stage plan
-(src/pipeline/pipeline.py) built from the real conf/."""
+(src/pipeline/plan.py) built from the real conf/."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import yaml
 from conftest import TINY, compose_config
 from omegaconf import OmegaConf
 
-from src.pipeline.pipeline import CONFOUNDER_STAGE, CONTEXT_INPUT, describe_plan, plan, stage_fingerprint_spec
+from src.pipeline.plan import describe_plan, plan, stage_fingerprint_spec
 from src.pipeline.validate import CONF_DIR, ConfigError, finalize
 
 IRNET_STAGES = ["classification", "seeds", "ir_labels", "irn", "pseudo_masks", "segmentation"]
+CONFOUNDER_STAGE = "confounder_set"  # the stage CONTA adds to each round that feeds a next one
+CONTEXT_INPUT = "context"  # the role under which CONTA's stages of round r take it from round r - 1
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +64,26 @@ def test_missing_conta_means_off(composed):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("profile.cam.lr=-1", r"baseline\.classification\.optim\.lr must be >= 0, got -1"),
+    ("profile.cam.lr=-1", r"baseline\.classification\.optim\.lr must be > 0, got -1"),
     ("profile.cam.lr=0", r"baseline\.classification\.optim\.lr must be > 0"),
     ("profile.cam.batch_size=0", r"baseline\.classification\.batch_size must be >= 1, got 0"),
     ("profile.irn.batch_size=-2", r"baseline\.refinement\.irn\.batch_size must be >= 1, got -2"),
     ("profile.deeplab.weight_decay=-0.1", r"segmentation\.optim\.weight_decay must be >= 0"),
     ("profile.cam.epochs=0", r"baseline\.classification: set epochs >= 1"),
     ("conta.rounds=-1", r"conta\.rounds must be >= 0, got -1"),
-    ("conta.rounds=1.5", r"conta\.rounds must be an integer"),
+    ("conta.rounds=1.5", r"conta\.rounds: Value '1.5' of type 'float' could not be converted to Integer"),
     ("seed=-3", r"seed must be >= 0"),
     ("trainer.devices=0", r"trainer\.devices must be >= 1"),
-    ("conta.context.inject=middle", r"conta\.context\.inject must be feature \| input"),
-    ("conta.warm_start=everything", r"conta\.warm_start"),
-    ("conta.context.image_mask=boxes", r"conta\.context\.image_mask"),
+    ("conta.context.inject=middle", r"conta\.context\.inject: Invalid value 'middle', expected one of "
+                                    r"\[feature, input\]"),
+    ("conta.warm_start=everything", r"conta\.warm_start: Invalid value 'everything', expected one of "
+                                    r"\[none, classifier, segmentation_backbone\]"),
+    ("conta.context.image_mask=boxes", r"conta\.context\.image_mask: Invalid value 'boxes'"),
+    ("conta.confounder_set.source=labels", r"conta\.confounder_set\.source: Invalid value 'labels'"),
+    ("progress=fancy", r"progress: Invalid value 'fancy', expected one of \[rich, tqdm, none\]"),
+    ("baseline.refinement.ir_labels.conf_bg=0.5", r"baseline\.refinement\.ir_labels: IR labels need conf_bg "
+                                                  r"<= conf_fg, got conf_bg=0.5, conf_fg=0.3"),
+    ("baseline.seeds.normalise=sum", r"baseline\.seeds: normalise must be one of max \| minmax, got 'sum'"),
     ("baseline.refinement.ir_labels.conf_fg=1.5", r"baseline\.refinement\.ir_labels\.conf_fg must be <= 1"),
 ])
 def test_bad_values_name_the_key(composed, override, message):
@@ -86,7 +95,7 @@ def test_bad_values_name_the_key(composed, override, message):
 
 
 def test_bad_value_from_the_command_line(make_cfg):
-    with pytest.raises(ConfigError, match=r"baseline\.classification\.optim\.lr must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"baseline\.classification\.optim\.lr must be > 0, got -1"):
         finalize(make_cfg("+baseline=irnet", "+conta=on", "profile.cam.lr=-1"))
 
 
@@ -145,6 +154,7 @@ def test_stop_after_cuts_the_last_round_only(composed):
     cfg = composed("+baseline=irnet", "+conta=on")
     cfg.conta.rounds = 1
     cfg.stop_after = "seeds"
+    cfg.optimized_metric = "seeds/train/seed_best_miou"
     rounds = plan(finalize(cfg))
     assert [st.name for st in rounds[0]] == IRNET_STAGES + [CONFOUNDER_STAGE]  # round 0 feeds round 1
     assert [st.name for st in rounds[1]] == ["classification", "seeds"]
@@ -156,7 +166,16 @@ def test_stop_after_cuts_the_last_round_only(composed):
         assert stage_fingerprint_spec(cfg, a) == stage_fingerprint_spec(full, b), a.name
     off = composed("+baseline=seam")
     off.stop_after = "affinity"
+    off.optimized_metric = None
     assert [st.name for st in plan(finalize(off))[0]] == ["classification", "seeds", "affinity_labels", "affinity"]
+
+
+def test_optimized_metric_of_a_stage_that_does_not_run_is_refused_before_any_work(composed):
+    cfg = composed("+baseline=irnet")
+    cfg.stop_after = "seeds"
+    with pytest.raises(ConfigError, match=r"optimized_metric=segmentation/val/miou names stage 'segmentation', "
+                                          r"which the last round does not run"):
+        finalize(cfg)
 
 
 def test_stop_after_an_unknown_stage_lists_the_stages(composed):
@@ -177,10 +196,12 @@ def test_round0_fingerprint_specs_equal_with_conta_on_and_off(composed):
     for a, b in zip(round0_on, round0_off):
         assert a.inputs == b.inputs, a.name
         assert stage_fingerprint_spec(on, a) == stage_fingerprint_spec(off, b), a.name
-    # while round 1 differs from round 0 (it sees CONTA's context)
+    # while round 1 differs from round 0 by its input: CONTA's context (whose artifact's fingerprint holds
+    # CONTA's options), so no CONTA setting can reach round 0
     round1 = plan(on)[1]
-    assert stage_fingerprint_spec(on, round1[0]) != stage_fingerprint_spec(on, round0_on[0])
-    assert "conta" in stage_fingerprint_spec(on, round1[0])
+    assert round1[0].inputs[CONTEXT_INPUT] == (CONFOUNDER_STAGE, 0) and CONTEXT_INPUT not in round0_on[0].inputs
+    confounder = plan(on)[0][-1]
+    assert stage_fingerprint_spec(on, confounder)["params"]["context"] == OmegaConf.to_container(on.conta.context)
     # and a setting of one stage changes only that stage's spec
     lr = composed("+baseline=irnet")
     lr.profile.deeplab.lr = 0.5

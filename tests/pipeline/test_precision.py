@@ -67,8 +67,8 @@ SEG_KEYS = ("segmentation/val/miou", "segmentation/val_deconfounded/miou")
 
 
 def test_irn_loss_is_fp32_and_finite_under_bf16_autocast() -> None:
-    from src.inference.path_index import PathIndex, affinity_labels
-    from src.models.irn import irn_loss_terms
+    from src.ops.losses import irn_loss_terms
+    from src.ops.path_index import PathIndex, affinity_labels
 
     index = PathIndex(5, (16, 16))
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +86,7 @@ def test_irn_loss_is_fp32_and_finite_under_bf16_autocast() -> None:
 
 
 def test_random_walk_runs_in_fp32_under_bf16_autocast() -> None:
-    from src.inference.random_walk import propagate_cams
+    from src.ops.random_walk import propagate_cams
 
     gen = torch.Generator().manual_seed(0)
     cams = torch.rand(2, 3, 12, 14, generator=gen)
@@ -101,9 +101,9 @@ def test_random_walk_runs_in_fp32_under_bf16_autocast() -> None:
 
 
 def test_multiscale_cams_are_fp32_under_bf16_autocast() -> None:
-    from src.inference.cams import multiscale_cams
     from src.models.cam_net import CAMNet
     from src.models.resnet import resnet
+    from src.ops.cams import multiscale_cams
 
     torch.manual_seed(0)
     net = CAMNet(resnet("tiny", strides=(2, 2, 1, 1)), num_classes=4).eval()
@@ -146,9 +146,9 @@ def bf16_segmentation(cfg, run_dir: Path) -> tuple[float, float]:
     from hydra.utils import instantiate
 
     from src.data.datasets import WSSSDataset
-    from src.metrics.segmentation import confusion_matrix, scores_from_confusion
+    from src.metrics.segmentation import SegmentationMetric
     from src.models.deeplab import predict_probs
-    from src.pipeline.stage import load_state
+    from src.stages.training import load_state
     from src.utils.io import read_label
 
     net = instantiate(cfg.segmentation.net)
@@ -158,17 +158,17 @@ def bf16_segmentation(cfg, run_dir: Path) -> tuple[float, float]:
     dataset = WSSSDataset(layout, "val", A.Compose([A.Normalize(mean=list(cfg.data.mean), std=list(cfg.data.std))]))
     same = total = 0
     n = layout.num_classes + 1
-    conf = np.zeros((n, n), np.int64)
+    metric = SegmentationMetric(n)
     for i in range(len(dataset)):
         sample = dataset[i]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             probs = predict_probs(net, sample["image"][None])
         pred = probs[0].float().numpy().argmax(0).astype(np.uint8)
-        conf += confusion_matrix(pred, read_label(layout.mask_path(sample["id"])), n)
+        metric.update(torch.from_numpy(pred), torch.from_numpy(read_label(layout.mask_path(sample["id"]))))
         ref = read_label(run_dir / "round_0" / "segmentation" / "predictions" / "val" / f"{sample['id']}.png")
         same += int((pred == ref).sum())
         total += ref.size
-    return same / total, scores_from_confusion(conf)["miou"]
+    return same / total, metric.scores()["miou"]
 
 
 @pytest.mark.slow

@@ -131,8 +131,9 @@ def test_disk_full_during_an_artifact_write_leaves_nothing_half_written(make_cfg
 
 def test_non_finite_loss_stops_with_the_step_and_a_debug_checkpoint(make_cfg, tmp_path: Path) -> None:
     cfg = finalize(make_cfg("+baseline=irnet", "progress=none", "profile.cam.lr=1.0e+30", "profile.cam.epochs=3"))
-    with pytest.raises(NonFiniteLossError, match=r"stage 'round 0 classification': non-finite training loss .* "
-                                                 r"at step \d+ .*debug checkpoint: .*debug_step\d+\.ckpt") as info:
+    pattern = (r"stage 'round 0/0 · 1/\d+ classification': non-finite training loss .* at step \d+ "
+               r".*debug checkpoint: .*debug_step\d+\.ckpt")
+    with pytest.raises(NonFiniteLossError, match=pattern) as info:
         run_pipeline(cfg, tmp_path / "run")
     path = Path(str(info.value).split("debug checkpoint: ")[1].split(". ")[0])
     assert path.is_file()

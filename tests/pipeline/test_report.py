@@ -49,8 +49,11 @@ def fake_job(folder: Path, baseline: str, conta: str, seed: int, seg: list[float
     folder.mkdir(parents=True)
     rounds = [{"round": r, "summary": {"seeds/train/seed_miou": 0.3 + 0.01 * r, "segmentation/val/miou": v}}
               for r, v in enumerate(seg)]
+    columns = [["cls mAP", "classification/val/map"], ["seed mIoU", "seeds/train/seed_miou"],
+               ["seed best", "seeds/train/seed_best_miou"], ["mask mIoU", "pseudo_masks/train/mask_miou"],
+               ["seg val", "segmentation/val/miou"], ["seg val_deconfounded", "segmentation/val_deconfounded/miou"]]
     (folder / "results.json").write_text(json.dumps({"baseline": baseline, "conta": conta, "seed": seed,
-                                                     "rounds": rounds}))
+                                                     "rounds": rounds, "columns": columns}))
 
 
 def test_sweep_summary_lists_every_job_and_round(tmp_path: Path) -> None:

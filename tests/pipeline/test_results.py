@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from src.pipeline.artifacts import Artifact
-from src.pipeline.results import RunResults
+from src.data.bundle import DataBundle
+from src.pipeline.results import MetricMissingError, RunResults
+from src.stages.core import Artifact
 
 
 def artifact(stage: str, summary: dict, reused: bool = False) -> Artifact:
@@ -17,11 +18,19 @@ def artifact(stage: str, summary: dict, reused: bool = False) -> Artifact:
     return Artifact(stage, f"fp-{stage}", Path(f"/cache/{stage}"), manifest, reused=reused)
 
 
+class FakeLayout:
+    root = Path("/data/root")
+
+
+def bundle(train: str = "train", val: str = "val", eval_splits=("val",), seed_eval: str = "train") -> DataBundle:
+    return DataBundle(FakeLayout(), train, val, list(eval_splits), seed_eval, (0, 0, 0), (1, 1, 1), {})
+
+
 @pytest.fixture
 def results(tmp_path) -> RunResults:
     cfg = OmegaConf.create({"baseline": {"name": "irnet"}, "conta": {"name": "on"}, "profile": {"name": "quick"},
-                            "data": {"name": "synthetic"}, "seed": 0})
-    res = RunResults(cfg, tmp_path)
+                            "data": {"name": "synthetic"}, "seed": 0, "optimized_metric": "segmentation/val/miou"})
+    res = RunResults(cfg, tmp_path, bundle())
     res.record(0, "seeds", artifact("seeds", {"train/seed_miou": 0.40, "train/seed_best_threshold": 0.15},
                                     reused=True), 0.25)
     res.record(0, "segmentation", artifact("segmentation", {"val/miou": 0.50}), 10.0)
@@ -64,3 +73,28 @@ def test_table(results):
     assert lines[2].split() == ["0", "40.0", "0.15", "50.0"]
     assert lines[3].split() == ["1", "45.0", "0.20", "48.0"]
     assert lines[4].split() == ["1", "vs", "0", "+5.0", "-", "-2.0"]  # no delta of a threshold
+
+
+def test_optimized_metric_is_the_last_rounds_value_and_missing_raises(results):
+    assert results.optimized() == pytest.approx(0.48)
+    results.cfg.optimized_metric = "segmentation/val2014/miou"
+    with pytest.raises(MetricMissingError, match=r"optimized_metric='segmentation/val2014/miou' is not among"):
+        results.optimized()
+    results.cfg.optimized_metric = None
+    assert results.optimized() is None
+
+
+def test_columns_follow_the_data_configs_split_names(tmp_path):
+    """COCO's splits are train2014 / val2014: the table's columns are named after them, not after VOC's."""
+    cfg = OmegaConf.create({"baseline": {"name": "irnet"}, "seed": 0,
+                            "optimized_metric": "segmentation/val2014/miou"})
+    res = RunResults(cfg, tmp_path, bundle("train2014", "val2014", ["val2014"], "train2014"))
+    res.record(0, "classification", artifact("classification", {"val2014/map": 0.9}), 1.0)
+    res.record(0, "seeds", artifact("seeds", {"train2014/seed_miou": 0.3}), 1.0)
+    res.record(0, "segmentation", artifact("segmentation", {"val2014/miou": 0.25}), 1.0)
+    lines = res.table().splitlines()
+    assert lines[0].split() == ["round", "cls", "mAP", "seed", "mIoU", "seg", "val2014"]
+    assert lines[2].split() == ["0", "90.0", "30.0", "25.0"]
+    assert res.optimized() == pytest.approx(0.25)
+    columns = json.loads(res.write().read_text())["columns"]
+    assert ["seg val2014", "segmentation/val2014/miou"] in columns

@@ -11,17 +11,10 @@ import pytest
 import torch
 from conftest import SHARED
 
-from src.inference.path_index import PathIndex, affinity_labels
-from src.models.irn import (
-    affinity_from_edge,
-    infer_edge_displacement,
-    irn_loss_maps,
-    irn_loss_terms,
-    merge_flip_edge,
-    pad_to_crop,
-    pair_displacement,
-)
-from src.stages.optim import ParamGroup, build_sgd, poly_scheduler
+from src.models.irn import infer_edge_displacement, merge_flip_edge, pad_to_crop
+from src.ops.losses import affinity_from_edge, irn_loss_maps, irn_loss_terms, pair_displacement
+from src.ops.optim import ParamGroup, build_sgd, poly_scheduler
+from src.ops.path_index import PathIndex, affinity_labels
 
 ORACLES = SHARED / "oracles" / "irnet"
 if not ORACLES.is_dir():

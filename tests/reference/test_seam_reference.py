@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import SHARED
 
-from src.inference.pairs import half_plane_offsets
-from src.models.affinity import affinity_labels_in_radius, affinity_loss
 from src.models.resnet38d import ResNet38d, load_state_strict
-from src.models.seam import SEAM, max_norm
-from src.stages.optim import ParamGroup, build_sgd, poly_scheduler
+from src.models.seam import SEAM
+from src.ops.losses import affinity_loss, max_norm
+from src.ops.optim import ParamGroup, build_sgd, poly_scheduler
+from src.ops.pairs import affinity_labels_in_radius, half_plane_offsets
 
 ORACLES = SHARED / "oracles" / "seam"
 if not ORACLES.is_dir():
@@ -215,7 +215,7 @@ def test_affinity_labels_and_loss_match_reference() -> None:
     np.testing.assert_array_equal(fg_pos.numpy(), ref["fg_pos"])
     np.testing.assert_array_equal(neg.numpy(), ref["neg"])
     # also per image from numpy, as a data loader calls it
-    np.testing.assert_array_equal(affinity_labels_in_radius(ref["label_maps"][1])[2].numpy(), ref["neg"][1])
+    np.testing.assert_array_equal(affinity_labels_in_radius(ref["label_maps"][1], radius=5)[2].numpy(), ref["neg"][1])
 
     aff = torch.from_numpy(ref["aff"]).requires_grad_(True)
     out = affinity_loss(aff, bg_pos, fg_pos, neg)

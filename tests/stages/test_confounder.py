@@ -11,7 +11,7 @@ from src.callbacks.confounder_set import ConfounderSetCallback
 from src.models.conta import NORMALIZE_MODES, ContextAdjustment
 from src.pipeline.pipeline import plan, run_pipeline
 from src.pipeline.validate import finalize
-from src.stages.confounder import area_resize
+from src.stages.confounder_set import area_resize
 
 
 def test_class_averages_by_hand() -> None:

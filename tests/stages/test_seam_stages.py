@@ -12,18 +12,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from src.data.voc import IGNORE
-from src.inference.affinity_labels import affinity_label, alpha_scores
-from src.inference.affinity_walk import AffinityRandomWalk, pooled_scores, walk_labels
-from src.inference.cams import multiscale_cams
-from src.inference.seam_cams import SEAMCAMInference, minmax_normalise
 from src.models.affinity import AffinityNet
+from src.models.conta import ContextPrior
 from src.models.resnet38d import resnet38d
 from src.models.seam import SEAM
-from src.stages.affinity import AffinityModule, stride_labels
-from src.stages.context import ContextPrior
-from src.stages.seam import SEAMClassificationModule
+from src.ops.cams import minmax_normalise, multiscale_cams
+from src.ops.labels import affinity_label, alpha_scores, stride_labels
+from src.ops.random_walk import pooled_scores, walk_labels
+from src.pipeline.plan import plan
+from src.pipeline.validate import finalize
+from src.stages.affinity import AffinityModule
+from src.stages.classification import SEAMClassificationModule
+from src.stages.pseudo_masks import AffinityRandomWalk
+from src.stages.seeds import CAMInference
+from src.utils.labels import IGNORE
 
+SEAM_LOSS = {"scale": 0.5, "ecr_topk": 0.2, "min_pool_fraction": 0.25,
+             "loss_weights": {"min_pool": 1.0, "er": 1.0, "ecr": 1.0}}
 OPTIM = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 
 
@@ -127,6 +132,8 @@ class FakeSEAM(nn.Module):
         cam = F.avg_pool2d(x, 8, ceil_mode=True)
         return cam, 2 * F.relu(cam)
 
+    seed_cams = SEAM.seed_cams  # SEAM's seed rule (PCM CAM without the background channel), under test
+
 
 def test_minmax_normalise_by_hand() -> None:
     maps = torch.tensor([[[1.0, 3.0], [5.0, -1.0]], [[7.0, 7.0], [7.0, 7.0]], [[2.0, 4.0], [6.0, 10.0]]])
@@ -143,7 +150,7 @@ def test_minmax_normalise_by_hand() -> None:
 def test_seam_seed_inference_shapes_and_normalisation() -> None:
     torch.manual_seed(0)
     net = SEAM(resnet38d("tiny", norm="batch"), num_classes=4, freeze_stem=False).eval()
-    module = SEAMCAMInference(net, [0.5, 1.0], True, 4, dtype="float32")
+    module = CAMInference(net, [0.5, 1.0], True, 4, dtype="float32", normalise="minmax")
     image = torch.randn(3, 37, 50)
     batch = [{"id": "a", "image": image, "label": torch.tensor([0.0, 1.0, 0.0, 1.0])},
              {"id": "b", "image": torch.randn(3, 37, 50), "label": torch.tensor([1.0, 0.0, 0.0, 0.0])}]
@@ -161,7 +168,7 @@ def test_seam_seed_flip_and_scale_merge() -> None:
     """The stored maps are min-max(sum over scales of f(x) + mirror(f(mirror(x)))) of the PCM foreground maps."""
     net = FakeSEAM()
     scales = [1.0, 0.5]
-    module = SEAMCAMInference(net, scales, True, 4, dtype="float32")
+    module = CAMInference(net, scales, True, 4, dtype="float32", normalise="minmax")
     gen = torch.Generator().manual_seed(1)
     image = torch.rand(3, 32, 40, generator=gen)
     image[1, :, :20] += 2  # class 1 (channel 1) on the left: the mirror differs
@@ -242,8 +249,8 @@ def test_seam_training_step_feeds_context_to_both_branches() -> None:
     torch.manual_seed(0)
     net = SEAM(resnet38d("tiny", norm="batch"), num_classes=3, freeze_stem=False)
     net.enable_context("feature")
-    prior = ContextPrior(torch.rand(3, 4, 4), "foreground")
-    module = SEAMClassificationModule(net, OPTIM, max_steps=10, context=prior, scale=0.5)
+    prior = ContextPrior(torch.rand(3, 4, 4), "foreground", "none")
+    module = SEAMClassificationModule(net, OPTIM, max_steps=10, context=prior, **SEAM_LOSS)
     calls = []
     original = net.inject_feature
 
@@ -282,9 +289,6 @@ def test_affinity_training_step_pools_labels_and_trains() -> None:
 
 @pytest.mark.parametrize("baseline", ["seam", "seam_irnet"])
 def test_baseline_configs_compose(make_cfg, baseline: str) -> None:
-    from src.pipeline.pipeline import plan
-    from src.pipeline.validate import finalize
-
     cfg = finalize(make_cfg(f"+baseline={baseline}", "+conta=on", "conta.rounds=1"))
     rounds = plan(cfg)
     names = [st.name for st in rounds[0]]
@@ -293,12 +297,13 @@ def test_baseline_configs_compose(make_cfg, baseline: str) -> None:
     assert names == ["classification", "seeds", *refinement, "segmentation", "confounder_set"]
     # CONTA reaches SEAM's classifier and seeds in round 1 through the context input alone
     assert {st.name for st in rounds[1] if "context" in st.inputs} == {"classification", "seeds"}
-    assert cfg.baseline.classification._target_ == "src.stages.seam.SEAMClassificationStage"
+    assert cfg.baseline.classification.module._target_ == "src.stages.classification.SEAMClassificationModule"
     # the loss weights of the config reach the training module (e.g. an ablation without L_ER)
-    cfg.baseline.classification.loss_weights.er = 0.0
+    cfg.baseline.classification.module.loss_weights.er = 0.0
     stage = instantiate(cfg.baseline.classification, _recursive_=False)
     net = SEAM(resnet38d("tiny", norm="batch"), num_classes=cfg.data.num_classes, freeze_stem=False)
-    module = stage.make_module(net, OPTIM, 10, None, 1.0)
+    module = stage.make_module(net, 10, None, {}, "val")
+    assert isinstance(module, SEAMClassificationModule) and module.scale == cfg.profile.seam.scale
     assert module.loss_weights == {"min_pool": 1.0, "er": 0.0, "ecr": 1.0}
     if baseline == "seam_irnet":
         t = cfg.profile.seam.irn_thresholds
@@ -320,7 +325,7 @@ def test_training_losses_are_fp32_and_finite_under_bf16_autocast() -> None:
     aff_module = AffinityModule(AffinityNet(resnet38d("tiny", norm="batch"), freeze_stem=False), radius=3,
                                 num_classes=2, optim=OPTIM, max_steps=10)
     seam_module = SEAMClassificationModule(SEAM(resnet38d("tiny", norm="batch"), num_classes=2, freeze_stem=False),
-                                           OPTIM, max_steps=10, scale=0.5)
+                                           OPTIM, max_steps=10, **SEAM_LOSS)
     mask = torch.zeros(2, 48, 48, dtype=torch.long)
     mask[:, 8:32, 8:32] = 1
     image = torch.randn(2, 3, 48, 48)

@@ -40,10 +40,11 @@ def test_predict_step_labels_with_and_without_crf() -> None:
     raw = torch.zeros(24, 24, 3, dtype=torch.uint8)
     raw[:, 12:] = 200
     sample = {"id": "a", "image": image, "raw": raw}
-    plain = SegmentationModule(Probe(), [1.0], {}, 1, {})
+    no_crf = {"msc": False, "scales": [1.0], "flip": False, "crf": None, "batch_size": 1}
+    plain = SegmentationModule(Probe(), [1.0], {}, 1, no_crf)
     (image_id, labels), = plain.predict_step([sample], 0)
     assert image_id == "a" and labels[:, :10].max() == 1 and labels[:, 14:].max() == 0
     crf = {"iterations": 5, "gaussian": {"sxy": 1, "compat": 3}, "bilateral": {"sxy": 67, "srgb": 3, "compat": 4}}
-    refined = SegmentationModule(Probe(), [1.0], {}, 1, {"crf": crf})
+    refined = SegmentationModule(Probe(), [1.0], {}, 1, {**no_crf, "crf": crf})
     (_, labels_crf), = refined.predict_step([sample], 0)
     assert (labels_crf[:, :10] == 1).all() and (labels_crf[:, 14:] == 0).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.inference.ir_labels import confident_labels, ir_label
+from src.ops.labels import confident_labels, ir_label
 
 # two classes (ids 3 and 5) on a 1 x 6 strip of scores
 SCORES = np.array([

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.stages.optim import ParamGroup, build_sgd, poly_factor, poly_scheduler
+from src.ops.optim import ParamGroup, build_sgd, poly_factor, poly_scheduler
 
 
 @pytest.mark.parametrize(("step", "max_steps", "power", "every", "expected"), [

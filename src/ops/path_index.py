@@ -6,7 +6,7 @@ the training loss and the random walk both need, for every pair offset, the pixe
 path order, flat indices), because the oracle cases and the IR-label tensors are laid out in that order.
 
 Geometry (spec, stage 4):
-* offsets are the half plane of :func:`src.inference.pairs.half_plane_offsets` (strict ``d < radius``),
+* offsets are the half plane of :func:`src.ops.pairs.half_plane_offsets` (strict ``d < radius``),
   regrouped by path length, ascending (stable, so ties keep the half-plane order);
 * the path of offset (dy, dx) is every integer point (y, x) of the bounding box of (0, 0)-(dy, dx) whose
   perpendicular distance to the segment is < 1, i.e. ``(dy*x - dx*y)^2 < dy^2 + dx^2``; its points are
@@ -22,10 +22,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from src.inference.pairs import half_plane_offsets
-
-# Label value of "unknown" pixels in IR labels (VOC's ignore value; spec: "any 255 -> ignored").
-IGNORE_INDEX = 255
+from src.ops.pairs import half_plane_offsets
+from src.utils.labels import IGNORE
 
 
 def pair_path(dy: int, dx: int) -> np.ndarray:
@@ -128,7 +126,7 @@ class PathIndex:
 def affinity_labels(
     label_map: torch.Tensor,
     path_index: PathIndex,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE,
     num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pair labels of IRN training from stride-4 IR label maps (reference ``GetAffinityLabelFromIndices``).

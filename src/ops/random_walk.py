@@ -8,7 +8,7 @@ column (69 used for r = 5), so :func:`random_walk` applies the same transition 2
 (measured 25x faster than a dense-window gather on a CPU). The dense
 form is kept as :func:`random_walk_dense`, the test oracle and the benchmark's reference mode.
 
-Conventions: pair affinities are (B, n_offsets, H, W) over :func:`src.inference.pairs.half_plane_offsets`
+Conventions: pair affinities are (B, n_offsets, H, W) over :func:`src.ops.pairs.half_plane_offsets`
 (entry [b, o, y, x] links (y, x) and (y, x) + offsets[o]; 0 where the partner is outside the image).
 """
 
@@ -17,11 +17,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.inference.pairs import half_plane_offsets
-from src.inference.path_index import pair_path
+from src.ops.labels import alpha_scores
+from src.ops.pairs import half_plane_offsets
+from src.ops.path_index import pair_path
 
 # Spec stage 5 (reference make_sem_seg_labels / propagate_to_edge defaults): radius 5 at stride 4,
 # beta 10, T squared 8 times (2^8 = 256 steps).
@@ -206,3 +208,42 @@ def propagate_cams(cams: torch.Tensor, edge: torch.Tensor, radius: int = RW_RADI
         else:
             walked = random_walk(x, pair_affinity, offsets, beta, 2 ** exp_times)
     return walked.to(cams.dtype)
+
+
+# ---------------------------------------------------------------------------- walked scores -> labels
+
+def walked_labels(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int], bg_threshold: float,
+                  scale: int) -> np.ndarray:
+    """Walked stride-4 scores (n, h, w) of classes ``keys`` -> label map (H, W) uint8."""
+    h, w = size
+    if walked.shape[0] == 0:
+        return np.zeros(size, np.uint8)
+    up = F.interpolate(walked[None], scale_factor=scale, mode="bilinear", align_corners=False)[0, :, :h, :w]
+    peak = up.max()
+    if not peak > 0:
+        return np.zeros(size, np.uint8)
+    up = up / peak
+    scores = torch.cat([torch.full_like(up[:1], bg_threshold), up])
+    pred = scores.argmax(0).cpu().numpy()
+    return np.concatenate([[0], keys]).astype(np.uint8)[pred]
+
+
+def pooled_scores(seeds: list[dict[str, np.ndarray]], alpha: float, padded: tuple[int, int], stride: int,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """[bg, fg...] alpha-power scores of each image's seeds, zero-padded to ``padded`` and average-pooled
+    ``stride`` x ``stride``: (B, 1 + max n, H'/stride, W'/stride); channels past an image's classes are 0."""
+    n_max = max(len(s["keys"]) for s in seeds)
+    out = torch.zeros(len(seeds), n_max + 1, *padded, device=device)
+    for i, s in enumerate(seeds):
+        scores = torch.from_numpy(alpha_scores(s["high_res"], alpha))
+        out[i, : scores.shape[0], : scores.shape[1], : scores.shape[2]] = scores.to(out.device)
+    return F.avg_pool2d(out, stride, stride)
+
+
+def walk_labels(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int], stride: int) -> np.ndarray:
+    """Walked scores (1 + n, h, w) of [bg, classes ``keys``] -> label map ``size`` uint8: bilinear upsampling by
+    the grid ``stride`` (to the padded size), crop, argmax."""
+    n = len(keys)
+    up = F.interpolate(walked[None, : n + 1], scale_factor=stride, mode="bilinear", align_corners=False)
+    pred = up[0, :, : size[0], : size[1]].argmax(0).cpu().numpy()
+    return np.concatenate([[0], np.asarray(keys, np.int64)]).astype(np.uint8)[pred]

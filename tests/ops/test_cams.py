@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from src.inference.cams import keep_and_normalise, multiscale_cams, scaled_size, strided_size
+from src.ops.cams import keep_and_normalise, multiscale_cams, scaled_size, strided_size
 
 
 def test_sizes_follow_the_reference() -> None:

@@ -6,16 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.inference.pairs import half_plane_offsets
-from src.inference.path_index import PathIndex
-from src.inference.random_walk import (
+from src.ops.losses import affinity_from_edge
+from src.ops.pairs import half_plane_offsets
+from src.ops.path_index import PathIndex
+from src.ops.random_walk import (
     dense_affinity,
     edge_to_pair_affinity,
     propagate_cams,
     random_walk,
     random_walk_dense,
 )
-from src.models.irn import affinity_from_edge
 
 
 @pytest.fixture(autouse=True)

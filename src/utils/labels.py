@@ -1,10 +1,14 @@
-"""The PASCAL VOC colour map: class id i is drawn with colour voc_palette()[i]."""
+"""Label-map conventions shared by every package: 0 = background, 1..K = classes, ``IGNORE`` = unknown
+(object borders, padding, unconfident pixels); and the PASCAL VOC colour map that draws them
+(class id i in colour ``voc_palette()[i]``)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 import numpy as np
+
+IGNORE = 255  # VOC's ignore label: never a class, never scored
 
 
 @lru_cache(maxsize=1)

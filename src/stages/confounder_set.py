@@ -1,9 +1,11 @@
-"""CONTA: build the confounder set C and the per-image masks X_m from a round's segmentation model.
+"""CONTA: the confounder set C and the per-image masks X_m built from a round's segmentation model, and how
+the next round reads them.
 
-Output (the artifact of stage ``confounder_set``, read by the next round, src/stages/context.py):
-``confounder_set.pt`` (C, counts, size), ``priors.png`` (a picture of the n class priors) and
-``image_masks/<id>.png`` (the model's label map at h x w, for every train and val image; ``.npy``
-class probabilities with ``soft_image_mask``).
+Output (the artifact of stage ``confounder_set``): ``confounder_set.pt`` (C, counts, size), ``priors.png``
+(a picture of the n class priors) and ``image_masks/<id>.png`` (the model's label map at h x w, for every
+train and val image; ``.npy`` class probabilities with ``soft_image_mask``). Its manifest provides the
+context options (conf/conta/on.yaml ``context``) the consuming stages build CONTA's module with.
+Consumers (classification, seeds of round r + 1) call :func:`context_of`.
 """
 
 from __future__ import annotations
@@ -17,18 +19,54 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from src.callbacks.confounder_set import ConfounderSetCallback
 from src.data.datasets import WSSSDataset
-from src.inference.common import run_predict, same_size_groups
-from src.pipeline.stage import Stage, StageContext
-from src.stages.context import CONFOUNDER_FILE, IMAGE_MASK_DIR
-from src.stages.segmentation import MASK_FOLDER, load_segmentation
+from src.models.conta import ContextPrior
+from src.stages.core import CONFOUNDER_FILE, IMAGE_MASKS, MASKS, Artifact, Stage, StageContext, container
+from src.stages.predict import run_predict, same_size_groups
+from src.stages.segmentation import load_segmentation
 from src.utils import dist
-from src.utils.io import save_label_png_atomic, write_bytes_atomic
+from src.utils.io import read_label, save_label_png_atomic, write_bytes_atomic
+from src.utils.labels import IGNORE
 
 
+# ------------------------------------------------------------------------------- the next round's side
+def load_confounder_set(artifact: Artifact) -> dict[str, Any]:
+    path = artifact.file(CONFOUNDER_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"confounder set not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class ContextMasks:
+    """Dataset extra: ``context_mask`` = the image's mask from the previous round's segmentation model."""
+
+    def __init__(self, artifact: Artifact, soft: bool) -> None:
+        self.folder = artifact.file(IMAGE_MASKS)
+        self.soft = soft
+
+    def __call__(self, image_id: str) -> dict[str, torch.Tensor]:
+        if self.soft:
+            path = self.folder / f"{image_id}.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"no context mask for {image_id}: {path}")
+            return {"context_mask": torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))}
+        path = self.folder / f"{image_id}.png"
+        return {"context_mask": torch.from_numpy(read_label(path)).long()}
+
+
+def context_of(artifact: Artifact) -> tuple[ContextPrior, ContextMasks, dict[str, Any]]:
+    """CONTA's context module (untrained W1, W2 around C), the per-image mask reader and the context options
+    (``inject``, ``attention_lr_mult``...) of a confounder-set artifact."""
+    options = artifact.need("context")
+    saved = load_confounder_set(artifact)
+    prior = ContextPrior(saved["confounders"], str(options["image_mask"]), str(options["normalize"]))
+    return prior, ContextMasks(artifact, bool(options["soft_image_mask"])), options
+
+
+# ------------------------------------------------------------------------------------ building it
 def area_resize(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(C, H, W) -> (C, h, w) by area averaging: a binary mask becomes the covered fraction per cell."""
     return F.adaptive_avg_pool2d(masks[None].float(), size)[0]
@@ -55,7 +93,7 @@ class ConfounderPrediction(pl.LightningModule):
                 image_hard = area_resize(hard, self.size)
                 if self.use_targets:  # C from the round's pseudo-masks instead of the predictions
                     target = sample["mask"].to(self.device)
-                    valid = (target != 255).float()
+                    valid = (target != IGNORE).float()
                     onehot = F.one_hot(target.clamp(max=k - 1), k).permute(2, 0, 1).float() * valid
                     class_masks = area_resize(onehot, self.size)
                 else:
@@ -69,16 +107,6 @@ class ConfounderPrediction(pl.LightningModule):
                     payload["probs"] = image_probs.cpu().numpy().astype(np.float16)
                 out.append((sample["id"], payload))
         return out
-
-
-def confounder_size(ctx: StageContext, size: Sequence[int] | None) -> tuple[int, int]:
-    """h x w of C: as configured, or the classifier's feature map at its training crop."""
-    if size:
-        return int(size[0]), int(size[1])
-    spec = ctx.spec_of("classification")
-    stride = instantiate(spec.net).output_stride
-    side = -(-int(spec.crop_size) // stride)
-    return side, side
 
 
 def save_priors_picture(path: Path, confounders: torch.Tensor, class_names: Sequence[str]) -> None:
@@ -102,23 +130,34 @@ def save_priors_picture(path: Path, confounders: torch.Tensor, class_names: Sequ
 
 
 class ConfounderSetStage(Stage):
-    def __init__(self, source: str = "segmentation", size: Sequence[int] | None = None, soft: bool = False,
-                 image_mask: str = "foreground", soft_image_mask: bool = False, batch_size: int = 8,
+    """C from the ``model`` input's predictions over the train split (or from the round's ``pseudo_masks``
+    with ``source=pseudo_masks``), at ``size`` or the ``classifier`` input's feature-map size."""
+
+    def __init__(self, context: DictConfig, source: str, size: Sequence[int] | None, soft: bool, batch_size: int,
                  inputs: Mapping[str, str] | None = None) -> None:
-        super().__init__(inputs)
-        if source not in ("segmentation", "pseudo_masks"):
-            raise ValueError(f"conta.confounder_set.source must be segmentation | pseudo_masks, got {source!r}")
-        self.source, self.size, self.soft = source, size, soft
-        self.image_mask, self.soft_image_mask, self.batch_size = image_mask, soft_image_mask, batch_size
+        super().__init__(inputs)  # the options are checked by the conta schema (src/pipeline/schema.py)
+        self.context = container(context)
+        self.source, self.size, self.soft, self.batch_size = source, size, soft, batch_size
+
+    def provides(self) -> dict[str, Any]:
+        return {"context": self.context}
+
+    def confounder_size(self, ctx: StageContext) -> tuple[int, int]:
+        """h x w of C: as configured, or the classifier's feature map at its training crop."""
+        if self.size:
+            return int(self.size[0]), int(self.size[1])
+        side = ctx.input("classifier").need("feature_size")
+        return int(side[0]), int(side[1])
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        size = confounder_size(ctx, self.size)
-        seg = load_segmentation(ctx)
+        size = self.confounder_size(ctx)
+        seg = load_segmentation(ctx.input("model"))
         n = ctx.data.num_classes
-        folder = ctx.out_dir / IMAGE_MASK_DIR
+        folder = ctx.out_dir / IMAGE_MASKS
+        soft_image_mask = bool(self.context["soft_image_mask"])
 
         def write(image_id: str, payload: dict) -> None:
-            if self.soft_image_mask:
+            if soft_image_mask:
                 buf = io.BytesIO()
                 np.save(buf, payload["probs"])
                 write_bytes_atomic(folder / f"{image_id}.npy", buf.getvalue())
@@ -127,20 +166,16 @@ class ConfounderSetStage(Stage):
 
         callback = ConfounderSetCallback(n, size)
         data = ctx.data
-        target = None
-        if self.source == "pseudo_masks":
-            target = ctx.inputs["pseudo_masks"].file(MASK_FOLDER) if "pseudo_masks" in ctx.inputs else None
-            if target is None:
-                raise ValueError("conta.confounder_set.source=pseudo_masks needs the round's pseudo_masks input")
+        target = ctx.input("pseudo_masks").file(MASKS) if self.source == "pseudo_masks" else None
         train = WSSSDataset(data.layout, data.train_split, ctx.eval_transform(), target=target)
-        module = ConfounderPrediction(seg, n, size, self.soft, self.soft_image_mask, target is not None)
+        module = ConfounderPrediction(seg, n, size, self.soft, soft_image_mask, target is not None)
         run_predict(ctx, module, train, write, self.batch_size, callbacks=[callback])
         if data.val_split != data.train_split:
             val = WSSSDataset(data.layout, data.val_split, ctx.eval_transform())
-            run_predict(ctx, ConfounderPrediction(seg, n, size, self.soft, self.soft_image_mask, False), val,
+            run_predict(ctx, ConfounderPrediction(seg, n, size, self.soft, soft_image_mask, False), val,
                         write, self.batch_size)
         confounders = callback.confounders
-        assert confounders is not None
+        assert confounders is not None and callback.counts is not None
         if dist.is_rank_zero():
             buf = io.BytesIO()
             torch.save({"confounders": confounders, "counts": callback.counts.float(), "size": list(size),

@@ -1,0 +1,127 @@
+"""Seeds: multi-scale + flip class activation maps of the trained classifier over the train split
+(IRNet's ``make_cam``, SEAM's ``infer_SEAM.py``), and their score by the WSSS seed protocol.
+
+The CAM rule is the network's: ``net.seed_cams(x, prior)`` gives the foreground maps that become seeds
+(IRNet's CAM net: its CAMs; SEAM: its PCM-refined CAMs without the background channel). The merge over
+scales and flips is :func:`~src.ops.cams.multiscale_cams`; the per-class normalisation is ``normalise``
+(``max``: divided by the max, IRNet; ``minmax``: SEAM). Files ``cams/<id>.npz``: ``keys`` (class ids
+1..K), ``cam`` at stride 4 (the random walk's input) and ``high_res`` at the image size, foreground only.
+The background is never stored: each consumer forms it (a constant plane when scoring and for IRNet's
+refinement, the alpha power for AffinityNet's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from src.ops.cams import NORMALISATIONS, multiscale_cams
+from src.stages.classification import load_classifier
+from src.stages.core import CAMS, StageContext, check_number
+from src.stages.predict import PerImagePredictStage, same_size_groups, score_cam_folder
+from src.utils.io import save_npz_atomic
+from src.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class CAMInference(pl.LightningModule):
+    """predict_step: per-image seeds {keys (1..K), cam, high_res} of a classifier with ``seed_cams(x, prior)``."""
+
+    def __init__(self, net: torch.nn.Module, scales: Sequence[float], flip: bool, cam_stride: int,
+                 context: torch.nn.Module | None = None, dtype: str = "float32", normalise: str = "max") -> None:
+        super().__init__()
+        self.net, self.context = net, context
+        self.scales, self.flip, self.cam_stride = list(scales), flip, cam_stride
+        self.np_dtype = np.dtype(dtype)
+        self.normalise = NORMALISATIONS[normalise]
+
+    def cam_fn(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        return self.net.seed_cams(x, prior)
+
+    @torch.no_grad()
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[tuple[str, dict]]:
+        out = []
+        for group in same_size_groups(batch):
+            images = torch.stack([s["image"] for s in group]).to(self.device)
+            prior = None
+            if self.context is not None:
+                prior = self.context(torch.stack([s["context_mask"] for s in group]).to(self.device))
+            cams, highs = multiscale_cams(self.cam_fn, images, self.scales, self.flip, self.cam_stride,
+                                          self.net.output_stride, prior)
+            for s, cam, high in zip(group, cams, highs):
+                keys = torch.nonzero(s["label"]).flatten().to(self.device)
+                out.append((s["id"], {
+                    "keys": (keys + 1).to(torch.int16).cpu().numpy(),
+                    "cam": self.normalise(cam, keys).cpu().numpy().astype(self.np_dtype),
+                    "high_res": self.normalise(high, keys).cpu().numpy().astype(self.np_dtype),
+                }))
+        return out
+
+
+def thresholds_from(spec: Mapping[str, float]) -> list[float]:
+    """The background thresholds start, start + step, ... < stop of a sweep config."""
+    n = int(math.floor((spec["stop"] - spec["start"]) / spec["step"] + 1e-9))
+    return [round(spec["start"] + i * spec["step"], 6) for i in range(n)]
+
+
+class SeedStage(PerImagePredictStage):
+    """Seeds of the ``model`` input's classifier (with CONTA's ``context`` in the rounds that have one)."""
+
+    optional_inputs = frozenset({"context"})
+    folder = CAMS
+    suffix = ".npz"
+
+    def __init__(self, scales: Sequence[float], flip: bool, cam_stride: int, normalise: str,
+                 eval_threshold: float, sweep_thresholds: Mapping[str, float], dtype: str, batch_size: int,
+                 inputs: Mapping[str, str] | None = None) -> None:
+        super().__init__(batch_size, inputs)
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {' | '.join(NORMALISATIONS)}, got {normalise!r}")
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 | float32, got {dtype!r}")
+        check_number("eval_threshold", eval_threshold, 0.0, 1.0)
+        check_number("cam_stride", cam_stride, 1, integer=True)
+        self.scales, self.flip, self.cam_stride, self.normalise = list(scales), flip, cam_stride, normalise
+        self.eval_threshold, self.sweep = eval_threshold, dict(sweep_thresholds)
+        self.dtype = dtype
+
+    def build_module(self, ctx: StageContext) -> pl.LightningModule:
+        net, prior, masks = load_classifier(ctx.input("model"), ctx.optional("context"))
+        self._extras = [masks] if masks is not None else []
+        return CAMInference(net, self.scales, self.flip, self.cam_stride, prior, self.dtype, self.normalise)
+
+    def dataset_options(self, ctx: StageContext) -> dict[str, Any]:
+        return {"transform": ctx.eval_transform(), "extras": self._extras}
+
+    def write(self, path: Path, payload: dict) -> None:
+        save_npz_atomic(path, **payload)
+
+    def score(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
+        return seed_metrics(ctx, folder, self.eval_threshold, thresholds_from(self.sweep))
+
+
+def seed_metrics(ctx: StageContext, folder: Path, eval_threshold: float, thresholds: Sequence[float]) -> dict:
+    data = ctx.data
+    ids = data.seed_eval_ids()
+    if not ids:
+        return {"summary": {}, "note": "no ground truth on the train split: seeds not scored"}
+    res = score_cam_folder(data, ids, folder, thresholds, eval_threshold)
+    split = data.seed_metric_split
+    res["summary"] = {
+        f"{split}/seed_miou": res["at_threshold"]["miou"],
+        f"{split}/seed_best_miou": res["best"]["miou"],
+        f"{split}/seed_best_threshold": res["best_threshold"],
+    }
+    if res["best_threshold"] >= max(thresholds) and max(thresholds) < 1.0:
+        res["note"] = (f"the best seed threshold {res['best_threshold']:g} is the upper end of the sweep: the best "
+                       "may lie above it; widen baseline.seeds.sweep_thresholds.stop to find it")
+        log.warning(res["note"])
+    return res
+
