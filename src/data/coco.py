@@ -8,7 +8,8 @@ RLEs, not label maps, so :func:`prepare_coco` renders one label PNG per image in
     <root>/annotations/instances_<split>.json       the default annotation file
     <out_dir>/SegmentationClass/<file stem>.png     palette PNG: 0 background, 1..80 classes, 255 crowd
     <out_dir>/ImageSets/Segmentation/<split>.txt    file stems, in image-id order
-    <out_dir>/cls_labels_<split>.npy                dict stem -> float32 (80,) multi-hot, no background
+    <out_dir>/cls_labels_<split>.npz                ids (N,) str, labels (N, 80) float32 multi-hot, no
+                                                    background (plain arrays, read without pickle)
     <out_dir>/coco_<split>.json                     manifest: fingerprint, options, summary
 
 Decisions (all documented in the summary a call returns):
@@ -40,31 +41,39 @@ this split's masks and renders them again. A later call with the same file and o
 prepared split from the manifest without parsing the JSON (``check_files`` always parses and checks
 again; ``drop_bad_images`` keeps the images found bad at preparation out). Concurrent calls for one
 split (the ranks of a multi-process job) serialise on a file lock and the later ones reuse the first
-one's work.
+one's work (``filelock``). Folders prepared with the earlier pickled ``cls_labels_<split>.npy`` lack
+the ``.npz``: the next preparation writes it (reusing the masks) and removes the old file.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from src.data.voc import VOCLayout
-from src.utils.io import check_jpeg_complete, save_label_png_atomic, write_bytes_atomic, write_json_atomic
+from src.utils.io import (
+    check_jpeg_complete,
+    save_label_png_atomic,
+    save_npz_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from src.utils.labels import IGNORE
 from src.utils.logging import get_logger
 
@@ -86,6 +95,11 @@ def manifest_path(out_dir: Path, split: str) -> Path:
 
 
 def labels_path(out_dir: Path, split: str) -> Path:
+    return Path(out_dir) / f"cls_labels_{split}.npz"
+
+
+def _legacy_labels_path(out_dir: Path, split: str) -> Path:
+    """The pickled dict of the first format (``np.save`` of an object array), replaced by the .npz."""
     return Path(out_dir) / f"cls_labels_{split}.npy"
 
 
@@ -131,7 +145,10 @@ class CocoLayout(VOCLayout):
         self.labels_file = self.label_files[splits[0]]
         for split, path in self.label_files.items():
             if not path.is_file():
-                raise FileNotFoundError(f"labels file of COCO split '{split}' not found: {path}")
+                raise FileNotFoundError(
+                    f"labels file of COCO split '{split}' not found: {path} (a folder prepared by an "
+                    "older version holds a cls_labels_<split>.npy instead: run prepare_coco again)"
+                )
         self._image_of: dict[str, tuple[Path, str]] = {}
         for split, manifest in manifests.items():
             place = (folders[split], manifest["image_ext"])
@@ -154,15 +171,77 @@ class CocoLayout(VOCLayout):
         return folder / f"{image_id}{ext}"
 
     def _load_labels_file(self) -> dict[str, np.ndarray]:
+        """id -> float32 (C,) multi-hot over all splits, from their .npz files (no pickle)."""
         if self._labels_from_file is None:
             merged: dict[str, np.ndarray] = {}
             for path in self.label_files.values():
-                self.labels_file = path  # named by the parent's error messages
-                self._labels_from_file = None
-                merged.update(super()._load_labels_file())
-            self.labels_file = next(iter(self.label_files.values()))
+                ids, table = _read_labels_npz(path)
+                if table.shape[1] != self.num_classes:
+                    raise ValueError(
+                        f"labels file {path} has {table.shape[1]} classes, the manifest names "
+                        f"{self.num_classes} categories"
+                    )
+                merged.update(zip(ids, table))
             self._labels_from_file = merged
         return self._labels_from_file
+
+
+def _read_labels_npz(path: Path) -> tuple[list[str], np.ndarray]:
+    """The ids and the (N, C) float32 labels of a ``cls_labels_<split>.npz``; errors name the file.
+
+    Read with ``allow_pickle=False``: a file that holds Python objects is refused, not unpickled.
+    """
+    path = Path(path)
+
+    def unreadable(err: Exception) -> ValueError:
+        if isinstance(err, ValueError) and "pickle" in str(err).lower():
+            # numpy refuses object arrays in an .npz / .npy, and takes any other file for a pickle
+            with open(path, "rb") as handle:
+                magic = handle.read(6)
+            if magic.startswith((b"PK", b"\x93NUMPY", b"\x80")):  # zip, .npy, a pickle's PROTO opcode
+                return ValueError(
+                    f"labels file {path} holds pickled Python objects and is refused (read with "
+                    "allow_pickle=False); prepare_coco writes it again as plain arrays"
+                )
+            return ValueError(f"unreadable labels file {path}: not an .npz file")
+        return ValueError(f"unreadable labels file {path}: {type(err).__name__}: {err}")
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"labels file not found: {path}") from None
+    except Exception as err:  # a pickled .npy (ValueError), zipfile.BadZipFile, EOFError, OSError...
+        raise unreadable(err) from err
+    if not isinstance(data, np.lib.npyio.NpzFile) or not {"ids", "labels"} <= set(data.files):
+        raise ValueError(f"labels file {path} is not an .npz holding the arrays 'ids' and 'labels'")
+    with data:
+        try:
+            ids, table = data["ids"], data["labels"]
+        except Exception as err:
+            raise unreadable(err) from err
+    if ids.dtype.kind != "U" or ids.ndim != 1:
+        raise ValueError(f"labels file {path}: 'ids' must be a 1-d array of strings, not {ids.dtype} {ids.shape}")
+    if table.ndim != 2 or table.shape[0] != ids.shape[0] or table.dtype.kind not in "biuf":
+        raise ValueError(
+            f"labels file {path}: 'labels' must be a numeric (N, C) array with N = {ids.shape[0]} ids, "
+            f"not {table.dtype} {table.shape}"
+        )
+    names = ids.tolist()
+    if len(set(names)) != len(names):
+        repeated = sorted(i for i, n in Counter(names).items() if n > 1)
+        raise ValueError(f"labels file {path} repeats ids, e.g. {repeated[:3]}")
+    return names, table.astype(np.float32)
+
+
+def _write_labels_npz(path: Path, ids: Sequence[str], table: np.ndarray) -> None:
+    """Store ids and (N, C) labels as plain arrays, atomically; an equal file is left untouched (its
+    mtime too, so readers and caches see no change)."""
+    table = np.asarray(table, np.float32)
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        old_ids, old_table = _read_labels_npz(path)
+        if old_ids == list(ids) and np.array_equal(old_table, table):
+            return
+    save_npz_atomic(path, ids=np.asarray(list(ids), dtype=np.str_), labels=table)
 
 
 def read_manifest(out_dir: Path, split: str) -> dict[str, Any]:
@@ -186,39 +265,51 @@ def open_coco(out_dir: str | Path, splits: Sequence[str]) -> CocoLayout:
 
 
 # ----------------------------------------------------------------------------------- rendering
-def segmentation_mask(segm: Any, height: int, width: int, where: str) -> np.ndarray:
-    """(H, W) uint8 0/1 mask of one COCO segmentation: polygons, uncompressed or compressed RLE.
+def _checked_segmentation(segm: Any, height: int, width: int, where: str) -> Any | None:
+    """The segmentation as pycocotools takes it, or None when nothing is left to draw.
 
-    Polygons with fewer than 3 points are skipped (pycocotools would read a 4-number polygon as a box).
+    Checks what pycocotools does not: polygons must be lists of an even number of coordinates and
+    those with fewer than 3 points are skipped (pycocotools would read a 4-number polygon as a box);
+    an RLE must have the image's size (pycocotools would decode it at its own size) and uncompressed
+    counts must cover the image.
     """
-    from pycocotools import mask as mask_utils
-
     if isinstance(segm, list):
-        polygons = []
         for poly in segm:
             if not isinstance(poly, list) or len(poly) % 2:
                 raise ValueError(f"{where}: a polygon must be a list of an even number of coordinates")
-            if len(poly) >= 6:
-                polygons.append([float(v) for v in poly])
-        if not polygons:
-            return np.zeros((height, width), np.uint8)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        return [poly for poly in segm if len(poly) >= 6] or None
+    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if [int(v) for v in segm["size"]] != [height, width]:
             raise ValueError(f"{where}: RLE size {segm['size']} differs from the image's [{height}, {width}]")
-        if isinstance(segm["counts"], list):
-            if sum(segm["counts"]) != height * width:
-                raise ValueError(f"{where}: RLE counts sum to {sum(segm['counts'])}, not {height} x {width}")
+        if isinstance(segm["counts"], list) and sum(segm["counts"]) != height * width:
+            raise ValueError(f"{where}: RLE counts sum to {sum(segm['counts'])}, not {height} x {width}")
+        return segm
+    raise ValueError(f"{where}: unknown segmentation format {type(segm).__name__}")
+
+
+def segmentation_mask(segm: Any, height: int, width: int, where: str) -> np.ndarray:
+    """(H, W) uint8 0/1 mask of one COCO segmentation: polygons, uncompressed or compressed RLE.
+
+    Decoded by ``pycocotools.mask`` following ``COCO.annToRLE`` (polygon parts merged, uncompressed
+    RLE encoded, compressed RLE as is), after the checks of :func:`_checked_segmentation`.
+    """
+    from pycocotools import mask as mask_utils
+
+    segm = _checked_segmentation(segm, height, width, where)
+    if segm is None:
+        return np.zeros((height, width), np.uint8)
+    try:
+        if isinstance(segm, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        elif isinstance(segm["counts"], list):
             rle = mask_utils.frPyObjects(segm, height, width)
         else:
-            counts = segm["counts"]
-            counts = counts.encode("ascii") if isinstance(counts, str) else counts
-            rle = {"size": [height, width], "counts": counts}
-    else:
-        raise ValueError(f"{where}: unknown segmentation format {type(segm).__name__}")
-    with warnings.catch_warnings():  # pycocotools' decode under numpy 2: a harmless copy=False notice
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return np.asarray(mask_utils.decode(rle), dtype=np.uint8)
+            rle = segm  # compressed: counts as str (the JSON's) or bytes
+        with warnings.catch_warnings():  # pycocotools' decode under numpy 2: a harmless copy=False notice
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return np.asarray(mask_utils.decode(rle), dtype=np.uint8)
+    except Exception as err:  # pycocotools raises bare TypeError / ValueError / Exception on bad values
+        raise ValueError(f"{where}: pycocotools cannot decode the segmentation: {type(err).__name__}: {err}") from err
 
 
 def render_semantic_mask(
@@ -273,19 +364,13 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     write_bytes_atomic(path, data)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info(f"waiting for another process that prepares the same COCO split ({path})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _acquire(lock: FileLock) -> Any:
+    """Acquire the split's lock, saying so when another process holds it; use as ``with _acquire(lock):``."""
+    try:
+        return lock.acquire(timeout=0)
+    except Timeout:
+        log.info(f"waiting for another process that prepares the same COCO split ({lock.lock_file})")
+        return lock.acquire()
 
 
 def _image_problem(path: Path, height: int, width: int) -> str | None:
@@ -307,6 +392,25 @@ def _image_problem(path: Path, height: int, width: int) -> str | None:
     if size != (width, height):
         return f"image is {size[0]}x{size[1]} but the annotation file says {width}x{height}"
     return None
+
+
+def _check_ids(coco: Any, annotation_file: Path) -> None:
+    """The ids must be JSON integers (the COCO format's): pycocotools keys its index by the raw values,
+    so an image id 5 and an annotation's image_id "5" would not meet."""
+    fields = {
+        "images": ("image entry", ("id",)),
+        "categories": ("category entry", ("id",)),
+        "annotations": ("annotation", ("id", "image_id", "category_id")),
+    }
+    for key, (what, names) in fields.items():
+        for index, entry in enumerate(coco.dataset[key]):
+            for name in names:
+                value = entry[name]  # present: pycocotools' index read it
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(
+                        f"COCO annotation file {annotation_file}: {what} #{index} lacks a valid integer "
+                        f"'{name}' (found {value!r})"
+                    )
 
 
 def _load_coco(annotation_file: Path) -> Any:
@@ -371,7 +475,7 @@ def prepare_coco(
     out_dir.mkdir(parents=True, exist_ok=True)
     options = {"drop_bad_images": drop_bad_images, "drop_unannotated": drop_unannotated}
 
-    with _locked(out_dir / f".coco_{split}.lock"):
+    with _acquire(FileLock(out_dir / f".coco_{split}.lock")):
         old = _old_manifest(out_dir, split)
         digest = _same_file(annotation_file, old.get("annotation")) if old else None
         same_masks = not overwrite and digest is not None and old.get("render_version") == RENDER_VERSION
@@ -401,10 +505,18 @@ def _old_manifest(out_dir: Path, split: str) -> dict[str, Any]:
 
 
 def _outputs_present(out_dir: Path, split: str) -> bool:
+    """The list, a readable labels file of the same ids (else it is written again) and every mask."""
     list_file = out_dir / LIST_DIR / f"{split}.txt"
     if not (list_file.is_file() and labels_path(out_dir, split).is_file()):
         return False
     ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    try:
+        labelled, _ = _read_labels_npz(labels_path(out_dir, split))
+    except ValueError as err:
+        log.warning(f"{err} (preparing the split again)")
+        return False
+    if labelled != ids:
+        return False
     masks = {e.name for e in os.scandir(out_dir / MASK_DIR)} if (out_dir / MASK_DIR).is_dir() else set()
     return all(f"{i}.png" in masks for i in ids)
 
@@ -438,66 +550,67 @@ def _prepare(
     coco = _load_coco(annotation_file)
     annotation = _file_digest(annotation_file)
 
-    # categories -> contiguous class ids 1..C in category-id order
-    cats = sorted(coco.dataset["categories"], key=lambda c: int(c["id"]))
-    if len({int(c["id"]) for c in cats}) != len(cats):
+    # categories -> contiguous class ids 1..C in category-id order (pycocotools' coco.cats)
+    _check_ids(coco, annotation_file)
+    if len(coco.cats) != len(coco.dataset["categories"]):
         raise ValueError(f"COCO annotation file {annotation_file} repeats category ids")
-    if not 0 < len(cats) < IGNORE:
-        raise ValueError(f"COCO annotation file {annotation_file} has {len(cats)} categories; need 1..254")
-    class_of = {int(c["id"]): i + 1 for i, c in enumerate(cats)}
-    names = [str(c["name"]) for c in cats]
+    category_ids = sorted(coco.cats)
+    if not 0 < len(category_ids) < IGNORE:
+        raise ValueError(
+            f"COCO annotation file {annotation_file} has {len(category_ids)} categories; need 1..254"
+        )
+    class_of = {cat_id: i + 1 for i, cat_id in enumerate(category_ids)}
+    names = [str(coco.cats[cat_id]["name"]) for cat_id in category_ids]
     _check_names(names, class_names, annotation_file)
 
-    # images: one id each, sorted by COCO image id; the file stem is the dataset id
-    images = sorted(coco.dataset["images"], key=lambda im: int(im["id"]))
+    # images (coco.imgs): one id each, sorted by COCO image id; the file stem is the dataset id
+    if len(coco.imgs) != len(coco.dataset["images"]):
+        repeated = sorted(i for i, n in Counter(im["id"] for im in coco.dataset["images"]).items() if n > 1)
+        raise ValueError(
+            f"COCO annotation file {annotation_file} repeats image ids, e.g. {repeated[:EXAMPLES]}"
+        )
+    image_ids = sorted(coco.imgs)
     stem_of: dict[int, str] = {}
     sizes: dict[str, tuple[int, int]] = {}
     exts = set()
-    for im in images:
+    for image_id in image_ids:
+        im = coco.imgs[image_id]
         try:
             name, height, width = Path(str(im["file_name"])).name, int(im["height"]), int(im["width"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
-                f"COCO annotation file {annotation_file}: image entry {im.get('id')} lacks {err}"
+                f"COCO annotation file {annotation_file}: image entry {image_id} lacks {err}"
             ) from err
         stem = Path(name).stem
         if stem in sizes:
             raise ValueError(f"COCO annotation file {annotation_file} lists the file {name} twice")
-        stem_of[int(im["id"])] = stem
+        stem_of[image_id] = stem
         sizes[stem] = (height, width)
         exts.add(Path(name).suffix)
     if len(exts) > 1:
         raise ValueError(f"images in {annotation_file} have mixed file extensions {sorted(exts)}")
     ext = exts.pop() if exts else ".jpg"
 
-    # annotations: per image, dangling ones counted, unknown categories refused
-    per_image: dict[str, list[tuple[int, bool, Any, int]]] = {stem: [] for stem in sizes}
-    dangling: list[tuple[int, int]] = []
-    unknown = []
-    crowd = 0
-    for index, ann in enumerate(coco.dataset["annotations"]):
-        try:
-            ann_id, image_id, category_id = int(ann["id"]), int(ann["image_id"]), int(ann["category_id"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"COCO annotation file {annotation_file}: annotation #{index} lacks a valid {err}"
-            ) from err
-        if category_id not in class_of:
-            unknown.append((ann_id, category_id))
-            continue
-        if image_id not in stem_of:
-            dangling.append((ann_id, image_id))
-            continue
-        iscrowd = bool(ann.get("iscrowd", 0))
-        crowd += iscrowd
-        per_image[stem_of[image_id]].append(
-            (class_of[category_id], iscrowd, ann.get("segmentation", []), ann_id)
-        )
+    # unknown categories refused, dangling references counted: checked on the file's list (in its
+    # order), since the index files an annotation under any image id, listed or not
+    anns = coco.dataset["annotations"]
+    unknown = [(a["id"], a["category_id"]) for a in anns if a["category_id"] not in coco.cats]
     if unknown:
         raise ValueError(
             f"COCO annotation file {annotation_file}: {len(unknown)} annotations name categories that are "
             f"not in 'categories', e.g. (annotation id, category id) {unknown[:EXAMPLES]}"
         )
+    dangling = [(a["id"], a["image_id"]) for a in anns if a["image_id"] not in coco.imgs]
+
+    # annotations per image: pycocotools' coco.imgToAnns (file order within an image)
+    per_image: dict[str, list[tuple[int, bool, Any, int]]] = {
+        stem_of[image_id]: [
+            (class_of[ann["category_id"]], bool(ann.get("iscrowd", 0)), ann.get("segmentation", []), ann["id"])
+            for ann in coco.imgToAnns.get(image_id, ())
+        ]
+        for image_id in image_ids
+    }
+    crowd = sum(iscrowd for objects in per_image.values() for _, iscrowd, _, _ in objects)
     unannotated = [stem for stem in sizes if not per_image[stem]]
 
     # image files: one directory listing; the slower checks only when asked for
@@ -553,7 +666,7 @@ def _prepare(
         "root": str(root), "image_dir": str(image_dir), "image_ext": ext,
         "annotation_file": str(annotation_file), "annotation": annotation, "options": options,
         "class_names": names,
-        "category_ids": [int(c["id"]) for c in cats],
+        "category_ids": category_ids,
     }
     write_json_atomic(manifest_path(out_dir, split), manifest)  # before rendering: marks the masks' origin
 
@@ -567,18 +680,17 @@ def _prepare(
     render_s = time.time() - render_start
 
     # labels (from annotations, crowd included) and the split list
-    labels = {}
-    for stem in ids:
-        vec = np.zeros(len(names), np.float32)
+    table = np.zeros((len(ids), len(names)), np.float32)
+    for row, stem in enumerate(ids):
         for class_id, _, _, _ in per_image[stem]:
-            vec[class_id - 1] = 1.0
-        labels[stem] = vec
-    buffer = io.BytesIO()
-    np.save(buffer, np.array(labels, dtype=object), allow_pickle=True)
-    _write_if_changed(labels_path(out_dir, split), buffer.getvalue())
+            table[row, class_id - 1] = 1.0
+    _write_labels_npz(labels_path(out_dir, split), ids, table)
+    legacy = _legacy_labels_path(out_dir, split)
+    if legacy.is_file():
+        legacy.unlink()
+        log.info(f"COCO {split}: removed {legacy}, the pickled labels file of an earlier version")
     _write_if_changed(out_dir / LIST_DIR / f"{split}.txt", ("\n".join(ids) + "\n").encode())
 
-    table = np.stack([labels[stem] for stem in ids])
     summary = {
         "split": split,
         "annotation_file": str(annotation_file),

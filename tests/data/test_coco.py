@@ -3,6 +3,9 @@
 The tiny set: three images, categories given out of id order (18 dog, 1 person, 3 car -> classes
 person 1, car 2, dog 3), an overlapping pair in each annotated image, a crowd RLE, a compressed RLE,
 a degenerate polygon, a dangling annotation and an image without annotations.
+
+The image-level labels are stored as plain arrays (cls_labels_<split>.npz: ids, labels) and read
+without pickle; concurrent preparations of one split serialise on a ``filelock`` lock.
 """
 
 from __future__ import annotations
@@ -10,13 +13,18 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import ROOT, SHARED
+from filelock import FileLock
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -182,8 +190,11 @@ def test_masks_labels_and_report(coco_root: Path, tmp_path: Path, caplog: pytest
 
     listed = (tmp_path / "out" / "ImageSets" / "Segmentation" / f"{SPLIT}.txt").read_text().split()
     assert listed == [stem(1), stem(2), stem(5)]
-    stored = np.load(tmp_path / "out" / f"cls_labels_{SPLIT}.npy", allow_pickle=True).item()
-    assert sorted(stored) == listed and stored[stem(5)].tolist() == [0, 1, 1]
+    with np.load(tmp_path / "out" / f"cls_labels_{SPLIT}.npz", allow_pickle=False) as stored:
+        assert sorted(stored.files) == ["ids", "labels"]
+        assert stored["ids"].tolist() == listed and stored["labels"].dtype == np.float32
+        assert stored["labels"][2].tolist() == [0, 1, 1]
+    assert not (tmp_path / "out" / f"cls_labels_{SPLIT}.npy").exists()
 
 
 def test_second_call_reuses_masks(coco_root: Path, tmp_path: Path) -> None:
@@ -191,7 +202,7 @@ def test_second_call_reuses_masks(coco_root: Path, tmp_path: Path) -> None:
     first = prepare_coco(coco_root, SPLIT, out_dir=out)
     paths = [first.mask_path(i) for i in first.ids(SPLIT)]
     before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths]
-    labels_file = out / f"cls_labels_{SPLIT}.npy"
+    labels_file = out / f"cls_labels_{SPLIT}.npz"
     labels_mtime = labels_file.stat().st_mtime_ns
 
     second = prepare_coco(coco_root, SPLIT, out_dir=out)
@@ -361,6 +372,178 @@ def test_render_order_is_area_not_list_order() -> None:
         assert label[3, 3] == 2 and label[6, 6] == 1 and label[9, 9] == 0
 
 
+# ------------------------------------------------------------------------------- labels file
+# COCO's 80 category ids: 1..90 without 12, 26, 29, 30, 45, 66, 68, 69, 71, 83
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
+
+
+class _Unpickled:
+    """An object whose unpickling leaves a marker file: proof that a labels file is not unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_labels_round_trip_through_npz_80_classes(tmp_path: Path) -> None:
+    assert len(COCO_CATEGORY_IDS) == 80
+    stems = {1: "COCO_val2014_000000000001", 2: "my_photo_2_b", 3: "a_b__c_"}  # ids with underscores
+    h, w = 20, 30
+    data = {
+        "images": [{"id": i, "file_name": f"{n}.jpg", "height": h, "width": w} for i, n in stems.items()],
+        "categories": [{"id": c, "name": f"class_{c}"} for c in reversed(COCO_CATEGORY_IDS)],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": [rect(0, 0, 10, 10)]},
+            {"id": 2, "image_id": 1, "category_id": 90, "iscrowd": 0, "segmentation": [rect(10, 0, 20, 10)]},
+            {"id": 3, "image_id": 2, "category_id": 13, "iscrowd": 0, "segmentation": [rect(0, 0, 5, 5)]},
+            {"id": 4, "image_id": 2, "category_id": 88, "iscrowd": 1,
+             "segmentation": uncompressed_rle(box_mask(h, w, 0, 10, w, h))},
+        ],
+    }
+    root = tmp_path / "coco"
+    write_set(root, data=data)
+    layout = prepare_coco(root, SPLIT, out_dir=tmp_path / "out")
+
+    column = {c: i for i, c in enumerate(COCO_CATEGORY_IDS)}  # class id - 1
+    expected = np.zeros((3, 80), np.float32)
+    expected[0, [column[1], column[90]]] = 1
+    expected[1, [column[13], column[88]]] = 1  # the crowd's class too
+    ids = tuple(stems.values())  # image-id order
+    assert layout.ids(SPLIT) == ids
+    assert layout.class_names[0] == "class_1" and layout.class_names[79] == "class_90"
+
+    with np.load(tmp_path / "out" / f"cls_labels_{SPLIT}.npz", allow_pickle=False) as stored:
+        assert stored["ids"].dtype.kind == "U" and stored["ids"].tolist() == list(ids)
+        assert stored["labels"].dtype == np.float32 and stored["labels"].shape == (3, 80)
+        np.testing.assert_array_equal(stored["labels"], expected)
+    reopened = open_coco(tmp_path / "out", [SPLIT])
+    np.testing.assert_array_equal(reopened.labels(SPLIT), expected)
+    table = reopened._load_labels_file()  # what VOCLayout reads: id -> float32 (C,)
+    assert list(table) == list(ids)
+    assert all(v.dtype == np.float32 and v.shape == (80,) for v in table.values())
+    np.testing.assert_array_equal(table["my_photo_2_b"], expected[1])
+
+
+def test_labels_file_that_needs_pickle_is_refused(coco_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prepare_coco(coco_root, SPLIT, out_dir=out)
+    path = out / f"cls_labels_{SPLIT}.npz"
+    refused = rf"labels file .*cls_labels_{SPLIT}\.npz holds pickled Python objects and is refused"
+
+    marker = tmp_path / "unpickled"
+    ids = np.array([stem(1), stem(2), _Unpickled(marker)], dtype=object)
+    np.savez(path, ids=ids, labels=np.zeros((3, 3), np.float32))  # np.savez pickles object arrays
+    with pytest.raises(ValueError, match=refused):
+        open_coco(out, [SPLIT]).labels(SPLIT)
+    assert not marker.exists()
+
+    # the first format (np.save of a dict) under the new name is refused as well
+    with open(path, "wb") as handle:
+        np.save(handle, np.array({stem(1): np.ones(3, np.float32)}, dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=refused):
+        open_coco(out, [SPLIT]).labels(SPLIT)
+    path.write_bytes(pickle.dumps({stem(1): _Unpickled(marker)}))  # a bare pickle
+    with pytest.raises(ValueError, match=refused):
+        open_coco(out, [SPLIT]).labels(SPLIT)
+    assert not marker.exists()
+
+    # the next preparation writes the plain arrays again and keeps the masks
+    again = prepare_coco(coco_root, SPLIT, out_dir=out)
+    assert again.summary["parsed_annotation_file"] is True and again.summary["masks_rendered"] == 0
+    assert open_coco(out, [SPLIT]).labels(SPLIT).tolist() == [[1, 1, 1], [0, 0, 0], [0, 1, 1]]
+
+    # other malformed files name the file too
+    np.savez(path, names=np.array([stem(1)]))
+    with pytest.raises(ValueError, match=r"cls_labels_val2014\.npz is not an \.npz holding the arrays"):
+        open_coco(out, [SPLIT]).labels(SPLIT)
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"unreadable labels file .*cls_labels_val2014\.npz"):
+        open_coco(out, [SPLIT]).labels(SPLIT)
+    np.savez(path, ids=np.array([stem(1), stem(2), stem(5)]), labels=np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"cls_labels_val2014\.npz has 4 classes"):
+        open_coco(out, [SPLIT]).labels(SPLIT)
+
+
+def test_folder_of_the_pickled_format_is_prepared_again(coco_root: Path, tmp_path: Path) -> None:
+    """A folder from the version that wrote cls_labels_<split>.npy: its masks are kept, the labels redone."""
+    out = tmp_path / "out"
+    first = prepare_coco(coco_root, SPLIT, out_dir=out)
+    npz, legacy = out / f"cls_labels_{SPLIT}.npz", out / f"cls_labels_{SPLIT}.npy"
+    old = dict(zip(first.ids(SPLIT), first.labels(SPLIT)))
+    npz.unlink()
+    np.save(legacy, np.array(old, dtype=object), allow_pickle=True)
+    with pytest.raises(FileNotFoundError, match=rf"cls_labels_{SPLIT}\.npz .*run prepare_coco again"):
+        open_coco(out, [SPLIT])
+
+    again = prepare_coco(coco_root, SPLIT, out_dir=out)
+    assert again.summary["parsed_annotation_file"] is True
+    assert again.summary["masks_rendered"] == 0 and again.summary["masks_reused"] == 3
+    assert npz.is_file() and not legacy.exists()
+    np.testing.assert_array_equal(again.labels(SPLIT), first.labels(SPLIT))
+
+
+# -------------------------------------------------------------------------------------- locking
+def _waiting(text: str) -> bool:
+    return "waiting for another process that prepares the same COCO split" in text
+
+
+def test_preparation_waits_for_the_filelock(
+    coco_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The split's lock is a filelock lock: held here, a preparation waits (and says so) until it is free."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result: dict = {}
+
+    def prepare() -> None:
+        try:
+            result["layout"] = prepare_coco(coco_root, SPLIT, out_dir=out)
+        except BaseException as err:  # handed to the test thread
+            result["error"] = err
+
+    thread = threading.Thread(target=prepare)
+    with caplog.at_level(logging.INFO, logger="src.data.coco"):
+        with FileLock(out / f".coco_{SPLIT}.lock"):
+            thread.start()
+            deadline = time.monotonic() + 60
+            while not any(_waiting(r.getMessage()) for r in caplog.records):
+                assert thread.is_alive() and time.monotonic() < deadline, result
+                time.sleep(0.05)
+            time.sleep(0.3)
+            assert thread.is_alive() and not (out / f"coco_{SPLIT}.json").exists()  # nothing done yet
+        thread.join(120)
+    assert not thread.is_alive() and "error" not in result, result
+    assert result["layout"].summary["masks_rendered"] == 3
+
+
+def test_concurrent_preparations_serialise(coco_root: Path, tmp_path: Path) -> None:
+    """Two processes (the CLI) prepare one split at once: one renders, the other waits and reuses its work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "src.data.coco", "--root", str(coco_root), "--split", SPLIT, "--out", str(out)]
+    logs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]
+    procs = []
+    with FileLock(out / f".coco_{SPLIT}.lock"):  # both start while the split is locked: they do contend
+        for log_file in logs:
+            with open(log_file, "w") as stderr:
+                procs.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True))
+        deadline = time.monotonic() + 300
+        while not all(_waiting(f.read_text()) for f in logs):
+            running = all(p.poll() is None for p in procs)
+            assert running and time.monotonic() < deadline, [f.read_text()[-2000:] for f in logs]
+            time.sleep(0.2)
+    summaries = []
+    for proc, log_file in zip(procs, logs):
+        stdout, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log_file.read_text()[-2000:]
+        summaries.append(json.loads(stdout))
+    assert sorted(s["masks_rendered"] for s in summaries) == [0, 3]
+    assert sorted(s["parsed_annotation_file"] for s in summaries) == [False, True]
+    assert mask_of(open_coco(out, [SPLIT]), 1)[15, 15] == DOG
+
+
 # --------------------------------------------------------------------------------- real excerpt
 @pytest.mark.skipif(not EXCERPT.is_file(), reason=f"shared COCO excerpt not found at {EXCERPT}")
 def test_real_val2014_excerpt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -392,6 +575,10 @@ def test_real_val2014_excerpt(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     dog_image = "COCO_val2014_000000173350"
     labels = layout.labels(SPLIT)
     assert labels.sum() == 1 and labels[layout.ids(SPLIT).index(dog_image), 16] == 1
+    with np.load(tmp_path / "out" / f"cls_labels_{SPLIT}.npz", allow_pickle=False) as stored:
+        assert stored["ids"].tolist() == list(layout.ids(SPLIT))
+        assert stored["labels"].shape == (100, 80) and stored["labels"].dtype == np.float32
+        np.testing.assert_array_equal(stored["labels"], labels)
     mask = read_label(layout.mask_path(dog_image))
     assert mask.shape == (480, 640)
     values, counts = np.unique(mask, return_counts=True)
