@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,6 +72,20 @@ def compose_config(overrides: Sequence[str], tmp_path: Path) -> DictConfig:
         cfg.paths.weights_dir = str(tmp_path / "weights")
         del cfg.hydra
     return cfg
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    """compose(*overrides) with the test profile, composed once per module and copied (composing is slow)."""
+    cache: dict = {}
+    tmp = tmp_path_factory.mktemp("cfg")
+
+    def compose(*overrides: str):
+        if overrides not in cache:
+            cache[overrides] = compose_config([*TINY, *overrides], tmp)
+        return copy.deepcopy(cache[overrides])
+
+    return compose
 
 
 @pytest.fixture

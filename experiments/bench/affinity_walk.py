@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = cfg.baseline.refinement.pseudo_masks
     cuda = str(args.device).startswith("cuda")
     s = common.settings_from(NAME, args, int(spec.batch_size) if cuda else 2, 448 if cuda else 256)
-    radius, beta, exp_times, alpha = int(spec.radius), float(spec.beta), int(spec.exp_times), float(spec.alpha)
+    radius, beta, exp_times = int(spec.radius), float(spec.beta), int(spec.exp_times)
+    alpha = 6.0 if spec.alpha == "auto" else float(spec.alpha)  # `auto` comes from a run's seeds: SEAM's value
     images_host, seeds = make_inputs(s.batch, s.size, int(args.classes), s.seed, cfg.data.mean, cfg.data.std)
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     with common.PeakMemory(s.device) as mem:

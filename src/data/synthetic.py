@@ -10,7 +10,9 @@ from the water under it). The synthetic set builds both biases in, at a size tha
   (water) in ``context_rate`` (90%) of its images, and that texture appears without it in only
   ``context_leak`` (5%) of the others; the water is background (label 0);
 * ``val_deconfounded`` draws the same objects with the pair classes independent of each other and the
-  water independent of the boat (present in half of the images).
+  water independent of the boat (present in half of the images);
+* ``train_confounding=false`` draws the train split that way too: the de-confounded-train oracle, the
+  ceiling of what any de-confounding method could win (scored on the same val and val_deconfounded).
 
 Masks are palette PNGs with 0 = background, 1..K = classes and a 255 band (``border`` px either side)
 along every object boundary, as in VOC. Image-level labels are derived from the masks by the reader.
@@ -72,8 +74,10 @@ class SyntheticSpec:
     object_rate: float = 0.3
     max_objects: int = 3
     object_scale: Sequence[float] = (0.3, 0.45)
+    part_fraction: float = 1.0  # share of an object carrying its class texture; the rest is a generic body
     border: int = 1
     jpeg_quality: int = 92
+    train_confounding: bool = True  # false: the train split drawn as val_deconfounded (the oracle's data)
     split_sizes: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,7 +97,7 @@ class SyntheticSpec:
         if self.context_class in self.pair:
             raise ValueError("data.layout.spec.context_class must not be one of the pair classes")
         for key in ("pair_class_rate", "pair_rate", "context_class_rate", "context_rate", "context_leak",
-                    "object_rate"):
+                    "object_rate", "part_fraction"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.layout.spec.{key} must lie in [0, 1], got {value}")
@@ -204,11 +208,34 @@ def _place(mask: np.ndarray, occupied: np.ndarray, size: int, rng: np.random.Gen
     return best
 
 
+def _body_texture(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) generic object surface: a random colour with darker speckles, the same for every class."""
+    base = rng.uniform(40, 220, size=3).astype(np.float32)
+    speckle = rng.random((size, size)) < 0.3
+    return np.where(speckle[..., None], 0.6 * base, base).astype(np.float32)
+
+
+def _part(region: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """The pixels of ``region`` nearest to a random pixel of it, ``fraction`` of them: the object's
+    discriminative part (a rider's face, a bird's head), wherever it lies."""
+    ys, xs = np.nonzero(region)
+    i = int(rng.integers(len(ys)))
+    dist = np.hypot(ys - ys[i], xs - xs[i])
+    keep = dist <= np.quantile(dist, fraction)
+    part = np.zeros_like(region)
+    part[ys[keep], xs[keep]] = True
+    return part
+
+
 def _paint(image: np.ndarray, label: np.ndarray, occupied: np.ndarray, mask: np.ndarray, y: int, x: int,
-           class_id: int, style: dict, rng: np.random.Generator) -> None:
+           class_id: int, style: dict, rng: np.random.Generator, part_fraction: float = 1.0) -> None:
+    """Paint an object: its class texture on the part of ``part_fraction`` of it, a generic body on the rest
+    (with part_fraction < 1 the classifier's evidence sits on the part, so CAMs miss the body, as on VOC)."""
     s = mask.shape[0]
     region = mask.astype(bool)
     tex = _texture(style["pattern"], style["colors"], s, s, rng)
+    if part_fraction < 1.0:
+        tex = np.where(_part(region, part_fraction, rng)[..., None], tex, _body_texture(s, rng))
     image[y:y + s, x:x + s][region] = tex[region]
     label[y:y + s, x:x + s][region] = class_id
     occupied[y:y + s, x:x + s] |= mask
@@ -281,7 +308,7 @@ def draw_image(spec: SyntheticSpec, confounded: bool, rng: np.random.Generator, 
         elif water and name != spec.context_class:
             box = (0, max(0, waterline - s // 2), 0, size - s)  # other objects stay mostly above water
         y, x = _place(mask, occupied, size, rng, box)
-        _paint(image, label, occupied, mask, y, x, ids[name], CLASS_STYLES[name], rng)
+        _paint(image, label, occupied, mask, y, x, ids[name], CLASS_STYLES[name], rng, spec.part_fraction)
         placed[name] = (y, x, s)
 
     image = image + rng.normal(0, 6, image.shape)
@@ -308,7 +335,7 @@ def generate(spec: SyntheticSpec, root: Path) -> dict:
     summary: dict = {"spec": spec.fingerprint_dict(), "splits": {}}
     for split_index, split in enumerate(SPLITS):
         n = spec.split_sizes[split]
-        confounded = split != "val_deconfounded"
+        confounded = split == "val" or (split == "train" and spec.train_confounding)
         prefix = {"train": "train", "val": "val", "val_deconfounded": "vdc"}[split]
         ids, labels = [], []
         water = []

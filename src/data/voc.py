@@ -9,16 +9,22 @@
                                                "/JPEGImages/x.jpg /SegmentationClassAug/x.png" also read)
 
 Image-level labels come from a labels file (the common ``cls_labels.npy``: dict id -> K-dim multi-hot,
-keys either int like 2007000032 or str like "2007_000032") or, without one, from the masks.
-Every missing path or malformed file raises an error that names it.
+keys either int like 2007000032 or str like "2007_000032") or, without one, from the masks. That file is
+a pickle (a 0-d object array); it is read by :func:`read_labels_file`, whose unpickler rebuilds numpy
+arrays and nothing else, so a crafted file cannot run code. Every missing path or malformed file raises an
+error that names it.
 """
 
 from __future__ import annotations
 
+import importlib
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 from PIL import Image
 
 from src.utils.io import read_label
@@ -28,6 +34,72 @@ VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
+
+
+# What numpy's pickles of arrays and scalars need (np.save of an object array pickles it with protocol 3):
+# (module, name) -> the module that holds it under numpy 2 or numpy 1. Nothing else is ever imported.
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "numpy.core.multiarray"),
+    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "numpy.core.multiarray"),
+    ("numpy.core.multiarray", "scalar"): ("numpy._core.multiarray", "numpy.core.multiarray"),
+    ("numpy._core.multiarray", "scalar"): ("numpy._core.multiarray", "numpy.core.multiarray"),
+    ("numpy.core.numeric", "_frombuffer"): ("numpy._core.numeric", "numpy.core.numeric"),
+    ("numpy._core.numeric", "_frombuffer"): ("numpy._core.numeric", "numpy.core.numeric"),
+    ("numpy", "ndarray"): ("numpy",),
+    ("numpy", "dtype"): ("numpy",),
+    ("_codecs", "encode"): ("_codecs",),  # protocol 2/3 bytes: _codecs.encode(str, "latin1")
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild numpy arrays, dtypes and scalars, and refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        homes = _NUMPY_GLOBALS.get((module, name))
+        if homes is None:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a labels table does not need")
+        for home in homes:
+            try:
+                return getattr(importlib.import_module(home), name)
+            except (ImportError, AttributeError):
+                continue
+        raise pickle.UnpicklingError(f"{module}.{name} is not available in this numpy")
+
+
+def read_labels_file(path: str | Path) -> dict[Any, np.ndarray]:
+    """The dict id -> label vector of an IRNet / psa / SEAM ``cls_labels.npy`` (a 0-d object array), read
+    without running code: only numpy arrays are rebuilt, keys must be str or int, values numeric arrays.
+    Errors name the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            version = npy_format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = npy_format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = npy_format.read_array_header_2_0(handle)
+            if dtype.hasobject:
+                table = _ArrayUnpickler(handle).load()
+            else:
+                table = None
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"labels file {path} was refused: {err} (the file is read as data only: a dict of "
+                         "image ids to label arrays)") from err
+    except Exception as err:
+        raise ValueError(f"unreadable labels file {path}: {err}") from err
+    if isinstance(table, np.ndarray) and table.dtype == object and table.shape == ():
+        table = table.item()
+    if not isinstance(table, dict):
+        found = f"a {dtype} array of shape {shape}" if table is None else f"a {type(table).__name__}"
+        raise ValueError(f"labels file {path} must hold a dict id -> multi-hot vector (a 0-d object array), "
+                         f"found {found}")
+    for key, value in table.items():
+        if not isinstance(key, str | int | np.integer):
+            raise ValueError(f"labels file {path}: key {key!r} is a {type(key).__name__}, expected str or int ids")
+        if not isinstance(value, np.ndarray | np.number) or np.asarray(value).dtype.kind not in "biuf":
+            raise ValueError(f"labels file {path}: entry {key!r} is a {type(value).__name__}, expected a numeric "
+                             "array")
+    return table
 
 
 def decode_int_id(key: int) -> str:
@@ -142,13 +214,7 @@ class VOCLayout:
     def _load_labels_file(self) -> dict[str, np.ndarray]:
         if self._labels_from_file is None:
             assert self.labels_file is not None
-            try:
-                data = np.load(self.labels_file, allow_pickle=True)
-                table = data.item() if data.dtype == object and data.shape == () else None
-            except Exception as err:
-                raise ValueError(f"unreadable labels file {self.labels_file}: {err}") from err
-            if not isinstance(table, dict):
-                raise ValueError(f"labels file {self.labels_file} must hold a dict id -> multi-hot vector")
+            table = read_labels_file(self.labels_file)
             labels = {}
             for key, value in table.items():
                 image_id = decode_int_id(key) if isinstance(key, int | np.integer) else str(key)

@@ -67,9 +67,12 @@ class CAMThresholdSweep(Metric):
     """The WSSS seed protocol: score CAM seeds at many background thresholds in one pass.
 
     A pixel is foreground at threshold t when its largest class score exceeds t (a constant
-    background plane at t, argmax, background winning ties) and then takes that class. For each image
-    we histogram (gt class, argmax class, number of thresholds below the score) once; the confusion
-    matrix at every threshold follows by cumulative sums, exactly. The histogram is a summed state.
+    background plane at t, argmax, background winning ties) and then takes that class. The comparison is
+    made in float32, as the references' (a float32 plane at t stacked with the float32 scores,
+    ``eval_cam.py``): a score equal to float32(t) is a tie and goes to the background, although it lies
+    above t in float64. For each image we histogram (gt class, argmax class, number of thresholds below
+    the score) once; the confusion matrix at every threshold follows by cumulative sums, exactly. The
+    histogram is a summed state.
     """
 
     full_state_update = False
@@ -78,6 +81,9 @@ class CAMThresholdSweep(Metric):
         super().__init__(**kwargs)
         self.num_classes = num_classes  # including background
         self.thresholds = np.asarray(sorted(float(t) for t in thresholds), dtype=np.float64)
+        self._planes = self.thresholds.astype(np.float32)  # what the scores are compared with
+        if len(np.unique(self._planes)) != len(self._planes):
+            raise ValueError(f"thresholds {self.thresholds.tolist()} are not distinct in float32")
         n_t = len(self.thresholds)
         self.add_state("hist", torch.zeros(num_classes, num_classes, n_t + 1, dtype=torch.long),
                        dist_reduce_fx="sum")
@@ -90,9 +96,9 @@ class CAMThresholdSweep(Metric):
             top = np.zeros_like(g)
             level = np.zeros_like(g)
         else:
-            s = scores.reshape(scores.shape[0], -1)[:, valid.reshape(-1)].astype(np.float64)
+            s = scores.reshape(scores.shape[0], -1)[:, valid.reshape(-1)].astype(np.float32)
             top = np.asarray(keys, np.int64)[s.argmax(0)]
-            level = np.searchsorted(self.thresholds, s.max(0), side="left")
+            level = np.searchsorted(self._planes, s.max(0), side="left")  # thresholds < score, float32
         c, n_levels = self.num_classes, self.hist.shape[2]
         idx = (g * c + top) * n_levels + level
         counts = np.bincount(idx, minlength=c * c * n_levels).reshape(c, c, n_levels)

@@ -17,7 +17,19 @@ from src.models.resnet import ResNet
 from src.ops.optim import ParamGroup
 
 
+def trunk(backbone: ResNet, x: torch.Tensor, detach_stage: int | None) -> torch.Tensor:
+    """stem -> layer1..4, cutting the graph after ``detach_stage`` (IRNet trains only the stages above it)."""
+    x = backbone.stem(x)
+    for i in range(1, 5):
+        x = getattr(backbone, f"layer{i}")(x)
+        if detach_stage is not None and i == detach_stage:
+            x = x.detach()
+    return x
+
+
 class CAMNet(ContextInjection, nn.Module):
+    first_class_channel = 0  # classifier output of class 1 (ReCAM's W_bce rows; SEAM's channel 0 is background)
+
     def __init__(
         self,
         backbone: ResNet,
@@ -41,14 +53,7 @@ class CAMNet(ContextInjection, nn.Module):
 
     def features(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Last feature map (B, C, h, w), with CONTA's prior appended when given."""
-        x = self.inject_input(x, context)
-        b = self.backbone
-        x = b.stem(x)
-        for i in range(1, 5):
-            x = getattr(b, f"layer{i}")(x)
-            if self.detach_stage is not None and i == self.detach_stage:
-                x = x.detach()
-        return self.inject_feature(x, context)
+        return self.inject_feature(trunk(self.backbone, self.inject_input(x, context), self.detach_stage), context)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Image-level logits (B, K): GAP over the whole canvas, then the 1x1 classifier."""

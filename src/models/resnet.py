@@ -219,3 +219,46 @@ def load_weights(model: nn.Module, path: str | Path, ignore: Sequence[str] = HEA
     with the keys listed."""
     state = read_state_dict(path)
     load_state_strict(model, {k: v for k, v in state.items() if k not in set(ignore)}, source=f"weight file {path}")
+
+
+class TappedResNet(nn.Module):
+    """A ResNet presenting ResNet-38d's trunk interface (``forward_features`` -> conv4, conv5, conv6,
+    ``feature_channels``, ``freeze``...), so SEAM's net and AffinityNet run on it.
+
+    Why: the quick profile trains from scratch on a few hundred images, where the 19-block tiny ResNet-38d
+    does not fit the synthetic classes (experiments/miniature/RESULTS.md) and the 4-block tiny ResNet does.
+    conv4 / conv5 / conv6 are the outputs of layer2 / layer3 / layer4 (the taps SEAM's PCM and AffinityNet
+    read at the output stride); the reference's conv3 (stride 4) is layer1's output."""
+
+    TAPS = {"conv3": 1, "conv4": 2, "conv5": 3, "conv6": 4}  # tap -> index into forward_stages
+
+    def __init__(self, backbone: ResNet) -> None:
+        super().__init__()
+        self.net = backbone
+        channels = backbone.stage_channels
+        self.feature_channels = {name: channels[i] for name, i in self.TAPS.items()}
+        self.out_channels = self.feature_channels["conv6"]
+        self.output_stride = backbone.output_stride
+        self.image_channels = backbone.conv1.in_channels
+        self.norm = "batch"
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        stages = self.net.forward_stages(x)
+        return {name: stages[i] for name, i in self.TAPS.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def freeze(self, blocks: Sequence[str]) -> None:
+        """Stop training the named ResNet modules (``conv1``, ``layer1``...)."""
+        for name in blocks:
+            getattr(self.net, name).requires_grad_(False)
+
+    def expand_input_channels(self, extra: int) -> None:
+        """CONTA's prior as an extra input channel; ``image_channels`` stays the image's (SEAM's PCM reads it)."""
+        self.net.expand_input_channels(extra)
+
+
+def tapped_resnet(**kwargs) -> TappedResNet:
+    """:func:`resnet` wrapped in :class:`TappedResNet` (config: ``_target_: src.models.resnet.tapped_resnet``)."""
+    return TappedResNet(resnet(**kwargs))

@@ -60,6 +60,8 @@ class SEAM(ContextInjection, nn.Module):
     :meth:`load_weights`.
     """
 
+    first_class_channel = 1  # classifier output of class 1 (channel 0 = background); ReCAM's W_bce rows
+
     def __init__(
         self,
         backbone: ResNet38d,
@@ -107,10 +109,18 @@ class SEAM(ContextInjection, nn.Module):
                             align_corners=True)
         return cam, self.pcm(seed, torch.cat([x_s, f8_3, f8_4], 1))
 
+    def features(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The classifier's input (B, C, h, w): conv6 features after dropout7, CONTA's prior appended when
+        given (what :meth:`cams` feeds ``self.classifier``; ReCAM's f)."""
+        d = self.backbone.forward_features(self.inject_input(x, context))
+        return self.inject_feature(self.dropout7(d["conv6"]), context)
+
     def seed_cams(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The maps the seeds are made of (``infer_SEAM.py``): the PCM-refined CAMs of the foreground
         classes (channel 0, the background, is never read at inference), at the feature size. Their ReLU in
-        the seed merge is a no-op: the PCM output is a non-negative combination of the non-negative seed."""
+        the seed merge is a no-op: the PCM output is a non-negative combination of the non-negative seed.
+        The reference's way up (to the input size with align_corners=True as :meth:`forward`, then to the
+        image size) is the seed merge's ``upsample: via_input`` (conf/seeds/seam.yaml)."""
         return self.cams(x, context)[1][:, 1:]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,

@@ -2,10 +2,15 @@
 
 Used for ImageNet backbone files, converted reference checkpoints and our own stage checkpoints (the
 reference code loads non-strictly and can silently train with random layers; specs/deeplab.md).
+A file named as torchvision names its downloads (``resnet50-19c8e357.pth``: the first hex digits of the
+file's sha256 after the last ``-``) is checked against that prefix first: a truncated, corrupted or
+foreign file is the most common weight complaint, and it otherwise fails late or not at all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -16,13 +21,43 @@ from src.utils.logging import get_logger
 
 log = get_logger(__name__)
 
+# torchvision / torch.hub file names: <name>-<first 8+ hex digits of the sha256>.<ext> (torch.hub's rule)
+HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.")
+
+
+def sha256_prefix(path: Path) -> str | None:
+    """The sha256 prefix a file's name declares (``resnet50-19c8e357.pth`` -> ``19c8e357``), or None."""
+    match = HASH_SUFFIX.search(Path(path).name)
+    return match.group(1) if match else None
+
+
+def check_sha256_prefix(path: Path) -> None:
+    """Stop with a clear message when a file's sha256 does not start with the prefix its name declares
+    (names without such a suffix are not checked)."""
+    prefix = sha256_prefix(path)
+    if prefix is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    actual = digest.hexdigest()
+    if not actual.startswith(prefix):
+        raise ValueError(
+            f"weight file {path} is not the file its name declares: its sha256 starts with {actual[:len(prefix)]}, "
+            f"the name says {prefix} (a truncated or corrupted download, or another file under this name). "
+            "Download it again (torchvision's URL ends in the same file name); a file of your own must not end "
+            "in -<hex digits>")
+
 
 def read_state_dict(path: str | Path, hint: str = "") -> dict[str, torch.Tensor]:
-    """A state dict from a local torch file (a plain state dict or a checkpoint holding ``state_dict``)."""
+    """A state dict from a local torch file (a plain state dict or a checkpoint holding ``state_dict``),
+    read as data only (``weights_only=True``), after the name's sha256 check (:func:`check_sha256_prefix`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path} (set the path in conf/paths or on the command line; "
                                 f"nothing is downloaded at run time{'; ' + hint if hint else ''})")
+    check_sha256_prefix(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

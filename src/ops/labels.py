@@ -10,6 +10,8 @@
   confident background); the high-alpha background wins, as in the reference's ``VOC12AffDataset``.
   The reference keeps both CRF score maps and takes the argmax after pooling the crop 8x8; here the labels
   are full-resolution PNGs and :func:`stride_labels` pools the label map with the same argmax rule.
+  The reference pads its crops' scores with zeros, so padding does not vote; a crop padded with
+  :data:`NO_VOTE` and ``padding="no_vote"`` reproduces that (``unknown``: padding counts as 255).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import torch.nn.functional as F
 
 from src.ops.crf import crf_refine_labels, crf_refine_probs
 from src.utils.labels import IGNORE
+
+NO_VOTE = 254
+"""Label of the padding of a training crop (conf/refinement/affinity.yaml ``fill_mask``): with
+``padding="no_vote"`` :func:`stride_labels` leaves it out of the vote; otherwise it is unknown like 255."""
+PADDINGS = ("unknown", "no_vote")
 
 
 def seed_labels(scores: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
@@ -86,7 +93,7 @@ def affinity_label(fg: np.ndarray, keys: np.ndarray, image: np.ndarray | None, a
     return out.astype(np.uint8)
 
 
-def stride_labels(mask: torch.Tensor, stride: int, num_classes: int) -> torch.Tensor:
+def stride_labels(mask: torch.Tensor, stride: int, num_classes: int, padding: str = "unknown") -> torch.Tensor:
     """Full-resolution label maps (B, H, W) -> labels (B, ceil(H/stride), ceil(W/stride)) on the net's grid.
 
     The reference pools the two CRF score maps (low / high alpha) of the crop ``stride`` x ``stride`` and
@@ -96,14 +103,24 @@ def stride_labels(mask: torch.Tensor, stride: int, num_classes: int) -> torch.Te
     unknown pixels to the background, so the cell is c if fg_c > bg + unk; the high-alpha map gives them
     to a class, so the cell is background if bg >= max_c fg_c + unk (ties go to the background, as the
     reference's argmax); else 255. Exact for hard (one-hot) CRF scores and cells holding one class.
+
+    ``padding="no_vote"``: pixels labelled :data:`NO_VOTE` (and the bottom/right padding to a stride
+    multiple) are left out of the fractions, as the reference's zero scores, and a cell of padding only is
+    255 (the reference's ``no_score_region``). ``unknown``: they count as unknown.
     """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {' | '.join(PADDINGS)}, got {padding!r}")
     b, h, w = mask.shape
     pad_h, pad_w = -h % stride, -w % stride
-    values = torch.where((mask < 0) | (mask > num_classes), torch.full_like(mask, num_classes + 1), mask)
-    values = F.pad(values, (0, pad_w, 0, pad_h), value=num_classes + 1)
-    onehot = F.one_hot(values.long(), num_classes + 2).permute(0, 3, 1, 2).float()
+    unknown_id, no_vote_id = num_classes + 1, num_classes + 2
+    values = torch.where((mask < 0) | (mask > num_classes), torch.full_like(mask, unknown_id), mask)
+    if padding == "no_vote":
+        values = torch.where(mask == NO_VOTE, torch.full_like(mask, no_vote_id), values)
+    values = F.pad(values, (0, pad_w, 0, pad_h), value=no_vote_id if padding == "no_vote" else unknown_id)
+    onehot = F.one_hot(values.long(), num_classes + 3).permute(0, 3, 1, 2).float()
     frac = F.avg_pool2d(onehot, stride, stride)
-    bg, fg, unknown = frac[:, 0], frac[:, 1:num_classes + 1], frac[:, num_classes + 1]
+    bg, fg, unknown = frac[:, 0], frac[:, 1:num_classes + 1], frac[:, unknown_id]
     fg_max, fg_arg = fg.max(1)
     out = torch.where(fg_max > bg + unknown, fg_arg + 1, torch.full_like(fg_arg, IGNORE))
-    return torch.where(bg >= fg_max + unknown, torch.zeros_like(out), out)
+    out = torch.where(bg >= fg_max + unknown, torch.zeros_like(out), out)
+    return torch.where(frac[:, no_vote_id] == 1.0, torch.full_like(out, IGNORE), out)

@@ -247,15 +247,52 @@ def seam_step_losses(
 # --------------------------------------------------------------------------------------------- DeepLab
 
 def msc_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,
-             count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> torch.Tensor:
-    """Sum of cross-entropies (ignore 255), each output against the labels shrunk to its own size
-    with nearest-neighbour. Each is the mean over the labelled pixels of the batch; ``count`` maps the
-    local pixel count to the normaliser (``src.utils.dist.global_mean_count`` in multi-process training).
-    An output with no labelled pixel adds 0 (not the NaN of an empty mean)."""
+             count: Callable[[torch.Tensor], torch.Tensor] = lambda c: c, at: str = "logits") -> torch.Tensor:
+    """Sum of cross-entropies (ignore 255), one per output. Each is the mean over the labelled pixels of the
+    batch; ``count`` maps the local pixel count to the normaliser (``src.utils.dist.global_mean_count`` in
+    multi-process training). An output with no labelled pixel adds 0 (not the NaN of an empty mean).
+
+    ``at``: ``logits`` (DeepLab's reference): the labels shrunk to each output's size with nearest-neighbour;
+    ``input``: each output upsampled (bilinear) to the labels' size, so objects smaller than the output
+    stride still shape the loss (the quick profile's 96 px images give 12 x 12 logits at stride 8)."""
+    if at not in LOSS_RESOLUTIONS:
+        raise ValueError(f"the segmentation loss is taken at one of {' | '.join(LOSS_RESOLUTIONS)}, got {at!r}")
     total = outputs[0].new_zeros(())
     for out in outputs:
-        labels = F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
+        if at == "logits":
+            labels = F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
+        else:
+            labels = target.long()
+            out = F.interpolate(out, size=target.shape[-2:], mode="bilinear", align_corners=False)
         n = count((labels != IGNORE).sum())
         ce = F.cross_entropy(out, labels, ignore_index=IGNORE, reduction="sum")
         total = total + ce / n.clamp(min=1)
     return total
+
+
+LOSS_RESOLUTIONS = ("logits", "input")
+
+
+# ------------------------------------------------------------------------------------------------ ESOL
+AREA_NORMALISATIONS = ("max", "none")
+
+
+def area_loss(cam: torch.Tensor, labels: torch.Tensor, normalise: str = "max", eps: float = EPS) -> torch.Tensor:
+    """ESOL's shrinkage area term (specs/esol.md section 5, ours): the mean over images and present classes
+    of mean_hw A, with A = ReLU(cam) / (max_hw ReLU(cam) + eps) (``max``; the max is not detached, so the
+    term is scale-invariant and rewards compact maps) or A = ReLU(cam) (``none``). cam (B, K, h, w), labels
+    (B, K) in {0, 1}; 0 when no class is present."""
+    if normalise not in AREA_NORMALISATIONS:
+        raise ValueError(f"area normalise must be one of {' | '.join(AREA_NORMALISATIONS)}, got {normalise!r}")
+    act = F.relu(cam.float())
+    if normalise == "max":
+        act = act / (act.amax(dim=(2, 3), keepdim=True) + eps)
+    present = (labels > 0).to(act.dtype)
+    return (act.mean(dim=(2, 3)) * present).sum() / present.sum().clamp(min=1)
+
+
+def positive_soft_margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The present-class terms of ``F.multilabel_soft_margin_loss`` (same 1 / K and batch mean), so that
+    ascending it pushes only the true classes' scores down (ESOL's ``inverse_classes=positive``)."""
+    y = labels.to(logits.dtype)
+    return -(y * F.logsigmoid(logits)).sum(1).mean() / logits.shape[1]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from src.ops.labels import alpha_scores
-from src.ops.pairs import half_plane_offsets
+from src.ops.pairs import half_plane_offsets, label_region
 from src.ops.path_index import pair_path
 
 # Spec stage 5 (reference make_sem_seg_labels / propagate_to_edge defaults): radius 5 at stride 4,
@@ -32,6 +32,10 @@ RW_BETA = 10
 RW_EXP_TIMES = 8
 
 Offsets = Sequence[tuple[int, int]]
+
+# AffinityNet's walk: every in-image pair within the radius, or only the pairs whose source lies in PSA's
+# label region (get_indices_of_pairs, the reference's dense matrix; :func:`label_region_mask`).
+WALK_PAIRS = ("all", "label_region")
 
 
 def _as_edge(edge: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,21 @@ def edge_to_pair_affinity(edge: torch.Tensor, radius: int = RW_RADIUS) -> torch.
         out.append(1 - along.amax(dim=0))
     aff = torch.stack(out, dim=1)
     return aff * partner_mask(offsets, height, width, edge.device).to(aff.dtype)
+
+
+def label_region_mask(height: int, width: int, radius: int, device: torch.device | str | None = None
+                      ) -> torch.Tensor:
+    """(H, W) bool: the source pixels of PSA's pair set (``get_indices_of_pairs``, the same region as the
+    training labels, :func:`src.ops.pairs.label_region`). Pixels outside are a pair's source in no pair;
+    multiplying pair affinities (B, n_offsets, H, W) by it gives the reference's pairs. All False when no
+    pixel qualifies (the reference's empty index set: the walk is then the identity)."""
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    try:
+        rows, cols = label_region(height, width, radius)
+    except ValueError:
+        return mask
+    mask[rows, cols] = True
+    return mask
 
 
 def _window(offsets: Offsets) -> int:
@@ -212,17 +231,24 @@ def propagate_cams(cams: torch.Tensor, edge: torch.Tensor, radius: int = RW_RADI
 
 # ---------------------------------------------------------------------------- walked scores -> labels
 
-def walked_labels(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int], bg_threshold: float,
-                  scale: int) -> np.ndarray:
-    """Walked stride-4 scores (n, h, w) of classes ``keys`` -> label map (H, W) uint8."""
+def walked_scores(walked: torch.Tensor, size: tuple[int, int], scale: int) -> torch.Tensor:
+    """Walked stride-4 scores (n, h, w) -> (n, H, W): upsampled x ``scale`` (bilinear), cropped, divided by their
+    global max (IRNet's make_sem_seg_labels; all zero when nothing was walked)."""
     h, w = size
     if walked.shape[0] == 0:
-        return np.zeros(size, np.uint8)
-    up = F.interpolate(walked[None], scale_factor=scale, mode="bilinear", align_corners=False)[0, :, :h, :w]
+        return walked.new_zeros(0, h, w)
+    up = F.interpolate(walked[None].float(), scale_factor=scale, mode="bilinear", align_corners=False)[0, :, :h, :w]
     peak = up.max()
-    if not peak > 0:
+    return up / peak if peak > 0 else torch.zeros_like(up)
+
+
+def walked_labels(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int], bg_threshold: float,
+                  scale: int) -> np.ndarray:
+    """Walked stride-4 scores (n, h, w) of classes ``keys`` -> label map (H, W) uint8: a background plane at
+    ``bg_threshold`` (float32, ties to the background) against :func:`walked_scores`."""
+    up = walked_scores(walked, size, scale)
+    if up.shape[0] == 0:
         return np.zeros(size, np.uint8)
-    up = up / peak
     scores = torch.cat([torch.full_like(up[:1], bg_threshold), up])
     pred = scores.argmax(0).cpu().numpy()
     return np.concatenate([[0], keys]).astype(np.uint8)[pred]

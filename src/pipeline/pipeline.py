@@ -71,6 +71,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResults:
     produced: dict[tuple[str, int], Artifact] = {}
     total = sum(len(s) for s in rounds)
     k = 0
+    warned: set[str] = set()
     for r, stages in enumerate(rounds):
         for st in stages:
             k += 1
@@ -93,4 +94,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResults:
             results.record(r, st.name, artifact, time.time() - start)
             if dist.is_rank_zero():
                 results.write()
+                for warning in set(results.warnings()) - warned:
+                    warned.add(warning)
+                    log.warning(warning)
     return results

@@ -10,7 +10,13 @@ a config group listed in ``methods`` (``conta``, ``debias``); each may declare
   set);
 * ``previous_round``: ``{consumer: {role: producer}}``, inputs a stage of round r >= 1 takes from round
   r - 1 (CONTA: the classifier and the seeds take the confounder set as ``context``). The consumer must
-  list the role in its ``optional_inputs``.
+  list the role in its ``optional_inputs``;
+* ``redirect``: ``{consumer: {role: stage}}``, an input of a baseline stage taken from another (earlier)
+  stage of the same round instead (ReCAM: the seeds read ``model`` from ``recam``, not ``classification``).
+
+A baseline may declare ``stages`` and ``previous_round`` of its own, in the same form (``enabled: false``
+leaves an added stage out): ESOL's expansion and shrinkage stages sit between classification and seeds,
+and take CONTA's context like the classifier does.
 
 Round 0 gets no ``previous_round`` input and no ``before_next_round`` stage of its own config, so it is
 the plain baseline and shares its artifacts (same fingerprints) with a run without the method.
@@ -53,6 +59,13 @@ def round_methods(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return out
 
 
+def stage_sources(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """Where a round's added stages and previous-round feeds come from: the baseline itself (its optional
+    ``stages`` and ``previous_round``, in a method's form: ESOL's stages between classification and seeds),
+    then the round methods."""
+    return [("baseline", cfg.baseline), *round_methods(cfg)]
+
+
 def num_rounds(cfg: DictConfig) -> int:
     return 1 + max([int(m.get("rounds", 0) or 0) for _, m in round_methods(cfg)], default=0)
 
@@ -70,15 +83,19 @@ def baseline_stages(cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
 
 
 def round_stages(cfg: DictConfig, feeds_next_round: bool) -> dict[str, tuple[str, DictConfig]]:
-    """The stages of one round in order, the methods' stages inserted after the stage each names."""
+    """The stages of one round in order, the baseline's and the methods' added stages inserted after the stage
+    each names (an entry with ``enabled: false`` is left out)."""
     stages = baseline_stages(cfg)
-    for group, method in round_methods(cfg):
+    for group, method in stage_sources(cfg):
         for name, entry in (method.get("stages") or {}).items():
             key = f"{group}.stages.{name}"
             when = str(entry.get("when", "every_round"))
             if when not in WHEN:
                 raise ValueError(f"{key}.when must be one of {' | '.join(WHEN)}, got {when!r}")
-            if when == "before_next_round" and not feeds_next_round:
+            enabled = entry.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ValueError(f"{key}.enabled must be true or false, got {enabled!r}")
+            if not enabled or (when == "before_next_round" and not feeds_next_round):
                 continue
             after = str(entry.after)
             if after not in stages:
@@ -93,25 +110,41 @@ def round_stages(cfg: DictConfig, feeds_next_round: bool) -> dict[str, tuple[str
 
 
 def previous_round_feeds(cfg: DictConfig) -> dict[str, dict[str, str]]:
-    """consumer -> {role: producer of round r - 1}, merged over the methods (a null producer is no feed)."""
+    """consumer -> {role: producer of round r - 1}, merged over the baseline and the methods (a null producer
+    is no feed)."""
     feeds: dict[str, dict[str, str]] = {}
-    for group, method in round_methods(cfg):
+    for group, method in stage_sources(cfg):
         for consumer, roles in (method.get("previous_round") or {}).items():
             for role, producer in (roles or {}).items():
                 if producer is None:
                     continue
-                have = feeds.setdefault(str(consumer), {})
-                if role in have and have[role] != str(producer):
-                    raise ValueError(f"{group}.previous_round.{consumer}.{role}={producer!r} conflicts with "
-                                     f"another method's {have[role]!r}")
-                have[str(role)] = str(producer)
+                merge_role(feeds, f"{group}.previous_round", str(consumer), str(role), str(producer))
     return feeds
+
+
+def merge_role(table: dict[str, dict[str, str]], where: str, consumer: str, role: str, source: str) -> None:
+    """table[consumer][role] = source; two methods that give one role different sources are an error."""
+    have = table.setdefault(consumer, {})
+    if role in have and have[role] != source:
+        raise ValueError(f"{where}.{consumer}.{role}={source!r} conflicts with another method's {have[role]!r}")
+    have[role] = source
+
+
+def input_redirects(cfg: DictConfig) -> dict[str, dict[str, str]]:
+    """consumer -> {role: stage of the same round that replaces the consumer's own input}, over the methods."""
+    redirects: dict[str, dict[str, str]] = {}
+    for group, method in round_methods(cfg):
+        for consumer, roles in (method.get("redirect") or {}).items():
+            for role, source in (roles or {}).items():
+                merge_role(redirects, f"{group}.redirect", str(consumer), str(role), str(source))
+    return redirects
 
 
 def plan(cfg: DictConfig) -> list[list[PlannedStage]]:
     """Every round's stages with their inputs resolved to (stage, round); ``stop_after`` cuts the last round."""
     total = num_rounds(cfg)
     feeds = previous_round_feeds(cfg)
+    redirects = input_redirects(cfg)
     rounds: list[list[PlannedStage]] = []
     for r in range(total):
         specs = round_stages(cfg, feeds_next_round=r < total - 1)
@@ -124,6 +157,14 @@ def plan(cfg: DictConfig) -> list[list[PlannedStage]]:
                     raise ValueError(f"{key}.inputs.{role}={source!r} is not an earlier stage of the round "
                                      f"({names})")
                 planned.inputs[str(role)] = (str(source), r)
+            for role, source in redirects.get(name, {}).items():
+                if role not in planned.inputs:
+                    raise ValueError(f"a method redirects input '{role}' of stage '{name}' ({key}), which has "
+                                     f"inputs {sorted(planned.inputs)}")
+                if source not in specs or names.index(source) >= names.index(name):
+                    raise ValueError(f"a method redirects {name}.inputs.{role} to {source!r}, which is not an "
+                                     f"earlier stage of the round ({names})")
+                planned.inputs[role] = (source, r)
             if r > 0:
                 for role, producer in feeds.get(name, {}).items():
                     if role not in planned.cls.optional_inputs:
@@ -150,7 +191,9 @@ def describe_plan(rounds: list[list[PlannedStage]]) -> str:
     for r, stages in enumerate(rounds):
         parts = []
         for st in stages:
-            extra = [f"{role}<-{src}@{rr}" for role, (src, rr) in st.inputs.items() if rr != r]
+            own = st.spec.get("inputs") or {}
+            extra = [f"{role}<-{src}@{rr}" if rr != r else f"{role}<-{src}" for role, (src, rr) in st.inputs.items()
+                     if rr != r or own.get(role) != src]  # previous-round feeds and redirected inputs
             parts.append(st.name + (f" ({', '.join(extra)})" if extra else ""))
         lines.append(f"round {r}: " + " -> ".join(parts))
     return "\n".join(lines)

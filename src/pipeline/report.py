@@ -13,11 +13,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from src.data.bundle import DataBundle
 from src.ops.labels import seed_labels
+from src.ops.random_walk import walked_scores
 from src.pipeline.results import RunResults
-from src.stages.core import CAMS, MASKS, PREDICTIONS
+from src.stages.core import CAMS, MASKS, PREDICTIONS, WALKED
 from src.utils.io import load_npz, read_image, read_label, save_rgb_png_atomic, write_text_atomic
 from src.utils.labels import colorize
 
@@ -59,6 +61,14 @@ def train_panel(run_dir: Path, round_index: int, data: DataBundle, ids: Sequence
         scores = seeds["high_res"].astype(np.float32)
         seed = seed_labels(scores, seeds["keys"], threshold)
         tiles = [image, colorize(gt), cam_overlay(image, scores), colorize(seed)]
+        walked = base / "pseudo_masks" / WALKED / f"{image_id}.npz"
+        if walked.is_file():  # IRNet's walk: its boundary map and the walked scores
+            arrays = load_npz(walked)
+            edge = cv2.resize(arrays["edge"].astype(np.float32), image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+            tiles.append(np.repeat((255 * (1 - np.clip(edge, 0, 1))).astype(np.uint8)[..., None], 3, axis=2))
+            up = walked_scores(torch.from_numpy(arrays["cam"].astype(np.float32)), image.shape[:2],
+                               -(-image.shape[0] // arrays["edge"].shape[0]))
+            tiles.append(cam_overlay(image, up.numpy()))
         if mask.is_file():
             tiles.append(colorize(read_label(mask)))
         rows.append(_row(tiles))
@@ -88,6 +98,34 @@ def seed_threshold(results: RunResults, round_index: int) -> float | None:
     return None if seeds is None else seeds["metrics"].get("threshold")
 
 
+def per_class_table(results: RunResults, data: DataBundle, round_index: int) -> list[str]:
+    """Markdown rows: IoU (%) of every class at every scored stage of a round (a class at 0 stands out)."""
+    stages = results.rounds.get(round_index, {}).get("stages", {})
+    columns: list[tuple[str, dict]] = []
+    for stage, title, pick in (("seeds", "seeds (best thr)", lambda m: m.get("best")),
+                               ("ir_labels", None, None), ("pseudo_masks", "pseudo-masks", lambda m: m),
+                               ("pseudo_masks", "masks (best thr)", lambda m: m.get("best"))):
+        if title is None or stage not in stages:
+            continue
+        found = pick(stages[stage]["metrics"])
+        if isinstance(found, dict) and "iou" in found:
+            columns.append((title, found["iou"]))
+    seg = stages.get("segmentation", {}).get("metrics", {})
+    columns += [(f"seg {split}", seg[split]["iou"]) for split in data.eval_splits
+                if isinstance(seg.get(split), dict) and "iou" in seg[split]]
+    if not columns:
+        return []
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = ["Per-class IoU (%):", "", "| class | " + " | ".join(t for t, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in data.class_names:
+        lines.append(f"| {name} | " + " | ".join(cell(iou.get(name)) for _, iou in columns) + " |")
+    return lines
+
+
 def write_report(results: RunResults, data: DataBundle, run_dir: Path, n_images: int = 4,
                  tensorboard_dir: Path | None = None) -> Path:
     """Write report.md (+ pictures) into the run directory; returns its path."""
@@ -97,17 +135,22 @@ def write_report(results: RunResults, data: DataBundle, run_dir: Path, n_images:
     lines = [
         f"# Run report: {results.as_dict()['baseline']} (conta {results.as_dict()['conta']})", "",
         "## Results", "", "```", results.table(), "```", "",
-        "Columns: classifier mAP on val; seed mIoU at the seed threshold and the best of the threshold sweep "
-        "(train); pseudo-mask mIoU (train); segmentation mIoU on each eval split. Full numbers: results.json.", "",
+        "Columns: classifier mAP on val; seeds at the best threshold of the sweep (the protocol) and at the "
+        "configured one (train); pseudo-masks at the configured background threshold and at the best of a sweep "
+        "of the walked scores (train); segmentation mIoU on each eval split. Full numbers: results.json.", "",
+        *[f"**Warning**: {w}" for w in results.warnings()], "",
     ]
     images: dict[str, np.ndarray] = {}
     for r in sorted(results.rounds):
-        lines += [f"## Round {r}", ""]
+        lines += [f"## Round {r}", "", *per_class_table(results, data, r), ""]
         threshold = seed_threshold(results, r)
         panel = None if threshold is None else train_panel(run_dir, r, data, train_ids, threshold)
         if panel is not None:
             images[f"round_{r}_train.png"] = panel
-            lines += ["Train images: image | ground truth | CAM | seed | pseudo-mask", "",
+            walk = " | boundary (dark = edge) | walked scores" if (run_dir / f"round_{r}" / "pseudo_masks" /
+                                                                  WALKED).is_dir() else ""
+            lines += [f"Train images: image | ground truth | CAM | seed (at the configured threshold){walk} | "
+                      "pseudo-mask", "",
                       f"![round {r} train](report/round_{r}_train.png)", ""]
         for split in data.eval_splits:
             panel = val_panel(run_dir, r, data, split, data.layout.ids(split)[:n_images])

@@ -55,7 +55,7 @@ def finalize(cfg: DictConfig) -> DictConfig:
             "no baseline chosen: append +baseline=<name> to the command, one of: "
             + ", ".join(choices("baseline")) + " (e.g. python -m src.run +baseline=irnet +conta=on)"
         )
-    for group, default in (("conta", "off"),):
+    for group, default in (("conta", "off"), ("debias", "none")):
         if OmegaConf.select(cfg, group) is None:
             log.info(f"no +{group} given: running with {group}={default}")
             with open_dict(cfg):

@@ -4,7 +4,8 @@ The network is a plain nn.Module from the baseline config (IRNet's CAMNet, SEAM'
 module (``module``: :class:`ClassificationModule`, or SEAM's siamese :class:`SEAMClassificationModule`)
 holds the loss, parameter groups and logging. In rounds where a method feeds it from round r-1 it also
 takes CONTA's confounder set (``context``: the context module joins the net and the prior M is fed to it)
-and a warm start (``warm_start``: the previous classifier or segmentation backbone).
+and a warm start (``warm_start``: the previous classifier or segmentation backbone), and CDA's instance bank
+(``instances``: its instances are pasted into a doubled training set, src/data/paste.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from src.ops.losses import rescale, seam_step_losses
 from src.ops.optim import ParamGroup
 from src.stages.confounder_set import ContextMasks, context_of
 from src.stages.core import Artifact, StageContext, check_number
+from src.stages.instance_bank import pasting
 from src.stages.training import (
     PolySGDModule,
     TrainingStage,
@@ -165,7 +167,7 @@ class ClassificationStage(TrainingStage):
     """Trains ``net`` with ``module`` (a partial LightningModule config); provides the net, its output stride
     and the feature-map size at the training crop (CONTA's confounder set has that size)."""
 
-    optional_inputs = frozenset({"context", "warm_start"})
+    optional_inputs = frozenset({"context", "warm_start", "instances"})
 
     def __init__(self, net: DictConfig, module: DictConfig, epochs: int, batch_size: int, optim: DictConfig,
                  augment: list, crop_size: int, inputs: Mapping[str, str] | None = None) -> None:
@@ -188,8 +190,10 @@ class ClassificationStage(TrainingStage):
         if ctx.optional("warm_start") is not None:
             warm_start(net, ctx.input("warm_start"))
         data = ctx.data
+        instances = ctx.optional("instances")  # CDA: paste the previous round's instances into the training set
         fitted = self.fit(ctx, lambda max_steps: self.make_module(net, max_steps, prior, options, data.val_split),
-                          extras=[masks] if masks is not None else [], validate=True)
+                          extras=[masks] if masks is not None else [], validate=True,
+                          wrap_train=None if instances is None else pasting(instances, ctx.seed))
         trainer, max_steps = fitted.trainer, fitted.max_steps
         key = f"{data.val_split}/map"
         if key not in trainer.callback_metrics:  # resumed after the last epoch: score once more

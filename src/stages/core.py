@@ -35,6 +35,7 @@ CHECKPOINT = "model.ckpt"  # the trained network of a training stage (keys "net.
 CAMS = "cams"  # seeds: <id>.npz with keys (class ids 1..K), cam (stride 4), high_res (image size)
 LABELS = "labels"  # IR / affinity labels: <id>.png class ids, 0 background, 255 unknown
 MASKS = "masks"  # pseudo-masks (the last refinement step): <id>.png
+WALKED = "walked"  # IRNet's walk: <id>.npz with keys, cam (walked scores, stride 4), edge (boundary map)
 PREDICTIONS = "predictions"  # segmentation: predictions/<split>/<id>.png
 IMAGE_MASKS = "image_masks"  # confounder set: X_m per image, <id>.png label maps or <id>.npy probabilities
 CONFOUNDER_FILE = "confounder_set.pt"  # confounder set: {"confounders": C (n, h, w), "counts", "size"}
@@ -44,6 +45,31 @@ def load_seeds(folder: Path, image_id: str) -> dict[str, np.ndarray]:
     """The seeds of one image (``<seeds artifact>/cams/<id>.npz``): keys (class ids 1..K), cam (stride 4),
     high_res (image size)."""
     return load_npz(Path(folder) / f"{image_id}.npz")
+
+
+AUTO = "auto"
+
+
+def auto_threshold(value: float | str, offset: float, seeds: Artifact, name: str) -> float:
+    """A CAM-scale threshold: the configured number, or with ``auto`` the seeds' best threshold (the seed
+    protocol's, on the train split's ground truth) plus ``offset``, clipped to [0.01, 0.99].
+
+    Why: IRNet's thresholds (0.30 / 0.05 / 0.25) are VOC's, for CAMs whose best threshold is ~0.16; on other
+    data the CAMs' scale differs. ReCAM's authors advise conf_fg = best + 0.10..0.15, conf_bg = best - 0.10."""
+    if value != AUTO:
+        check_number(name, value, 0.0, 1.0)
+        return float(value)
+    best = seeds.provides.get("best_threshold")
+    if best is None:
+        raise ValueError(f"{name}=auto needs the seeds' best threshold, which needs ground truth on the train split "
+                         f"(data.seed_eval_split); the seeds in {seeds.path} were not scored: set {name} to a number")
+    return round(min(0.99, max(0.01, best + offset)), 6)  # 0.57 + 0.1 is 0.67, not 0.66999...
+
+
+def alpha_for_threshold(threshold: float) -> float:
+    """The background power alpha at which bg = (1 - s) ** alpha equals s at s = ``threshold``: a pixel whose
+    top class score s is above the threshold beats that background (AffinityNet's labels and walk)."""
+    return float(np.log(threshold) / np.log(1.0 - threshold))
 
 
 @dataclass(frozen=True)

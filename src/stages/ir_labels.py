@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from src.ops.labels import ir_label
-from src.stages.core import CAMS, LABELS, StageContext, check_number, container, load_seeds
+from src.stages.core import AUTO, CAMS, LABELS, StageContext, auto_threshold, check_number, container, load_seeds
 from src.stages.predict import PerImagePredictStage, label_coverage
 
 
@@ -63,18 +63,37 @@ class SeedLabelStage(PerImagePredictStage):
 
 
 class IRLabelStage(SeedLabelStage):
-    """IR labels at the confidence thresholds ``conf_fg`` / ``conf_bg`` (background planes), CRF-refined."""
+    """IR labels at the confidence thresholds ``conf_fg`` / ``conf_bg`` (background planes), CRF-refined.
+
+    Either threshold may be ``auto``: the seeds' best threshold plus ``auto_offsets[name]`` (ReCAM's authors
+    advise conf_fg = best + 0.10..0.15, conf_bg = best - 0.10; src/stages/core.py ``auto_threshold``)."""
 
     metric_name = "ir_label"
 
-    def __init__(self, conf_fg: float, conf_bg: float, crf: Mapping[str, Any] | None, batch_size: int,
-                 inputs: Mapping[str, str] | None = None) -> None:
+    def __init__(self, conf_fg: float | str, conf_bg: float | str, auto_offsets: Mapping[str, float],
+                 crf: Mapping[str, Any] | None, batch_size: int, inputs: Mapping[str, str] | None = None) -> None:
         super().__init__(crf, batch_size, inputs)
-        check_number("conf_fg", conf_fg, 0.0, 1.0)
-        check_number("conf_bg", conf_bg, 0.0, 1.0)
-        if conf_bg > conf_fg:
-            raise ValueError(f"IR labels need conf_bg <= conf_fg, got conf_bg={conf_bg}, conf_fg={conf_fg}")
-        self.conf_fg, self.conf_bg = conf_fg, conf_bg
+        for name, value in (("conf_fg", conf_fg), ("conf_bg", conf_bg)):
+            if value != AUTO:
+                check_number(name, value, 0.0, 1.0)
+        if AUTO not in (conf_fg, conf_bg):
+            check_order(float(conf_fg), float(conf_bg))
+        self.conf_fg, self.conf_bg, self.auto_offsets = conf_fg, conf_bg, dict(auto_offsets)
+
+    def build_module(self, ctx: StageContext) -> pl.LightningModule:
+        seeds = ctx.input("cams")
+        self._fg = auto_threshold(self.conf_fg, self.auto_offsets["conf_fg"], seeds, "conf_fg")
+        self._bg = auto_threshold(self.conf_bg, self.auto_offsets["conf_bg"], seeds, "conf_bg")
+        check_order(self._fg, self._bg)
+        return super().build_module(ctx)
 
     def label(self, scores: np.ndarray, keys: np.ndarray, image: np.ndarray) -> np.ndarray:
-        return ir_label(scores, keys, image, self.conf_fg, self.conf_bg, self.crf)
+        return ir_label(scores, keys, image, self._fg, self._bg, self.crf)
+
+    def score(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
+        return {**super().score(ctx, folder), "conf_fg": self._fg, "conf_bg": self._bg}
+
+
+def check_order(conf_fg: float, conf_bg: float) -> None:
+    if conf_bg > conf_fg:
+        raise ValueError(f"IR labels need conf_bg <= conf_fg, got conf_bg={conf_bg}, conf_fg={conf_fg}")

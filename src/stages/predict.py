@@ -10,7 +10,8 @@ module, the dataset's options, the writer and the score.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -104,6 +105,12 @@ class PerImagePredictStage(Stage):
 
 
 # ------------------------------------------------------------------------------------------ scoring
+def thresholds_from(spec: Mapping[str, float]) -> list[float]:
+    """The background thresholds start, start + step, ... < stop of a sweep config."""
+    n = int(math.floor((spec["stop"] - spec["start"]) / spec["step"] + 1e-9))
+    return [round(spec["start"] + i * spec["step"], 6) for i in range(n)]
+
+
 def _shard(ids: Sequence[str]) -> Sequence[str]:
     return ids[dist.global_rank()::dist.world_size()]
 
@@ -134,18 +141,29 @@ def score_label_folder(data: DataBundle, ids: Sequence[str], folder: Path) -> di
 
 def score_cam_folder(data: DataBundle, ids: Sequence[str], folder: Path, thresholds: Sequence[float],
                      eval_threshold: float, key: str = "high_res") -> dict[str, Any]:
-    """The seed protocol: mIoU at ``eval_threshold`` and the best threshold of the sweep."""
-    thr = sorted(set(float(t) for t in thresholds) | {float(eval_threshold)})
+    """The seed protocol on ``<folder>/<id>.npz`` (``key`` scores at the image size, ``keys`` class ids)."""
+    def read(image_id: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        arrays = load_npz(Path(folder) / f"{image_id}.npz")
+        if arrays[key].shape[1:] != shape:
+            raise ValueError(f"{folder}/{image_id}.npz '{key}' is {arrays[key].shape[1:]}, ground truth is {shape}")
+        return arrays[key], arrays["keys"]
+
+    return sweep_scores(data, ids, read, thresholds, eval_threshold)
+
+
+def sweep_scores(data: DataBundle, ids: Sequence[str],
+                 read: Callable[[str, tuple[int, int]], tuple[np.ndarray, np.ndarray]],
+                 thresholds: Sequence[float], eval_threshold: float) -> dict[str, Any]:
+    """The seed protocol on any foreground scores: mIoU at ``eval_threshold`` and at the best threshold of the
+    sweep (a constant background plane, argmax). ``read(id, gt shape)`` gives (scores (n, H, W), class ids)."""
+    thr = sorted({round(float(t), 6) for t in thresholds} | {round(float(eval_threshold), 6)})
     sweep = _on_reduce_device(CAMThresholdSweep(len(data.class_names), thr))
     for image_id in _shard(ids):
-        arrays = load_npz(Path(folder) / f"{image_id}.npz")
         gt = data.layout.read_gt(image_id)
-        scores = arrays[key]
-        if scores.shape[1:] != gt.shape:
-            raise ValueError(f"{folder}/{image_id}.npz '{key}' is {scores.shape[1:]}, ground truth is {gt.shape}")
-        sweep.update(scores, arrays["keys"], gt)
+        scores, keys = read(image_id, gt.shape)
+        sweep.update(scores, keys, gt)
     res = sweep.results(data.class_names)
-    at = res["per_threshold"][thr.index(float(eval_threshold))]
+    at = res["per_threshold"][thr.index(round(float(eval_threshold), 6))]
     return {
         "threshold": float(eval_threshold),
         "at_threshold": at,

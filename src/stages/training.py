@@ -4,6 +4,8 @@ fitting with resume, rebuilding a trained network from its artifact, and fitting
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
 from src.data.datamodule import WSSSDataModule
 from src.data.datasets import WSSSDataset
@@ -75,14 +78,27 @@ def fit_resumable(trainer: pl.Trainer, module: pl.LightningModule, datamodule: p
 
 
 def read_checkpoint(checkpoint: Path, what: str) -> dict[str, torch.Tensor]:
-    """The state dict of a Lightning checkpoint; a missing or unreadable file stops with its path."""
+    """The state dict of a Lightning checkpoint; a missing or unreadable file stops with its path.
+
+    Read as data only (``torch.load(weights_only=True)``: tensors and plain containers, no Python objects),
+    since a checkpoint may be a file the user brings (``artifacts.reuse``, a warm start): unpickling
+    anything else could run code. Ours hold epoch, global_step, loops, the version and ``state_dict``
+    (``trainer.save_checkpoint(weights_only=True)``)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint} ({what})")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = f"It refers to {found.group(1)}." if found else ""
+        raise ValueError(f"checkpoint {checkpoint} ({what}) holds Python objects besides tensors and plain "
+                         "containers: refused, loading it could run code (checkpoints are read as data only; save "
+                         f"a state dict, or a Lightning checkpoint with weights_only=True). {reason}".strip()) from err
     except Exception as err:
         raise ValueError(f"unreadable checkpoint {checkpoint} ({what}): {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {checkpoint} ({what}) holds a {type(state).__name__}, not a state dict")
     return state.get("state_dict", state)
 
 
@@ -123,13 +139,17 @@ class TrainingStage(Stage):
         return {"net": container(self.net_cfg), "checkpoint": CHECKPOINT}
 
     def fit(self, ctx: StageContext, make_module: Callable[[int], pl.LightningModule], target: Path | None = None,
-            extras: Sequence[Any] = (), validate: bool = False) -> Fitted:
+            extras: Sequence[Any] = (), validate: bool = False,
+            wrap_train: Callable[[WSSSDataset], Dataset] | None = None) -> Fitted:
         """Train on the train split (``target``: a folder of label PNGs, the pixel target; ``extras``: dataset
-        extras such as CONTA's context masks), validating on the val split each epoch when ``validate``;
-        ``make_module(max_steps)`` builds the LightningModule once the schedule's length is known."""
+        extras such as CONTA's context masks; ``wrap_train``: a dataset around the training set, e.g. CDA's
+        pasting), validating on the val split each epoch when ``validate``; ``make_module(max_steps)`` builds
+        the LightningModule once the schedule's length is known."""
         data = ctx.data
         train = WSSSDataset(data.layout, data.train_split, build_transform(self.augment), target=target,
                             extras=extras, seed=ctx.seed)
+        if wrap_train is not None:
+            train = wrap_train(train)
         val = WSSSDataset(data.layout, data.val_split, ctx.eval_transform(), extras=extras) if validate else None
         by_epochs = self.epochs > 0
         schedule = {"max_epochs": self.epochs} if by_epochs else {"max_epochs": -1, "max_steps": self.max_steps}

@@ -43,7 +43,9 @@ def colour_coded(h: int = 48, w: int = 80, seed: int = 0) -> tuple[np.ndarray, n
 
 
 def augment_lists(make_cfg) -> dict:
-    cfg = make_cfg("+baseline=irnet")
+    # the quick profile does not rescale for DeepLab (scale_limit [0, 0]); the checks below need the random
+    # rescale (and its padding) that the paper profile uses, so it is switched on here
+    cfg = make_cfg("+baseline=irnet", "profile.deeplab.scale_limit=[-0.5,0.0]")
     return {
         "classification": (cfg.baseline.classification.augment, cfg.profile.cam.crop),
         "irn": (cfg.baseline.refinement.irn.augment, cfg.profile.irn.crop),

@@ -267,11 +267,11 @@ def test_score_cam_folder_reads_npz(tiny_layout, tmp_path):
     assert out["threshold"] == 0.5 and out["images"] == 2
 
 
-def test_seed_metrics_says_when_the_best_threshold_is_the_sweeps_end(tiny_layout, tmp_path):
-    """A best threshold at the upper end of the sweep is a lower bound: the run says so (note + log)."""
+def test_seed_metrics_widens_a_sweep_whose_best_is_its_end(tiny_layout, tmp_path):
+    """A best threshold at the upper end of the sweep is only a lower bound: the sweep goes on to 1."""
     from types import SimpleNamespace
 
-    from src.stages.seeds import seed_metrics
+    from src.stages.seeds import seed_metrics, widen
 
     data, _ = tiny_layout
     save_npz_atomic(tmp_path / "cams" / "a.npz", high_res=np.array([[[0.1, 0.9], [0.4, 0.8]]]), keys=np.array([1]))
@@ -280,7 +280,10 @@ def test_seed_metrics_says_when_the_best_threshold_is_the_sweeps_end(tiny_layout
     ctx = SimpleNamespace(data=data)
     # 0.05 labels the 0.1 background pixels as foreground, 0.1 does not: the best is the top of the sweep
     capped = seed_metrics(ctx, tmp_path / "cams", 0.1, [0.05, 0.1])
-    assert capped["summary"]["train/seed_best_threshold"] == 0.1
-    assert "upper end of the sweep" in capped["note"] and "baseline.seeds.sweep_thresholds.stop" in capped["note"]
+    assert capped["widened_from"] == 0.1 and max(capped["miou_per_threshold"]) == 0.95
+    assert capped["summary"]["train/seed_best_threshold"] == 0.1  # ties keep the lowest threshold
+    assert capped["provides"] == {"best_threshold": 0.1}
     inside = seed_metrics(ctx, tmp_path / "cams", 0.1, [0.05, 0.1, 0.3])
-    assert inside["summary"]["train/seed_best_threshold"] == 0.1 and "note" not in inside
+    assert inside["summary"]["train/seed_best_threshold"] == 0.1 and "widened_from" not in inside
+    assert widen([0.0, 0.2, 0.4], 0.4) == [0.0, 0.2, 0.4, 0.6, 0.8] and widen([0.0, 0.2, 0.4], 0.2) is None
+    assert widen([0.5, 1.0], 1.0) is None

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import yaml
-from conftest import TINY, compose_config
 from omegaconf import OmegaConf
 
 from src.pipeline.plan import describe_plan, plan, stage_fingerprint_spec
@@ -17,19 +14,6 @@ IRNET_STAGES = ["classification", "seeds", "ir_labels", "irn", "pseudo_masks", "
 CONFOUNDER_STAGE = "confounder_set"  # the stage CONTA adds to each round that feeds a next one
 CONTEXT_INPUT = "context"  # the role under which CONTA's stages of round r take it from round r - 1
 
-
-@pytest.fixture(scope="module")
-def composed(tmp_path_factory):
-    """compose(*overrides) with the test profile, composed once per module and copied (composing is slow)."""
-    cache: dict = {}
-    tmp = tmp_path_factory.mktemp("cfg")
-
-    def compose(*overrides: str):
-        if overrides not in cache:
-            cache[overrides] = compose_config([*TINY, *overrides], tmp)
-        return copy.deepcopy(cache[overrides])
-
-    return compose
 
 
 def test_compose_irnet_with_conta(make_cfg):
@@ -81,8 +65,8 @@ def test_missing_conta_means_off(composed):
     ("conta.context.image_mask=boxes", r"conta\.context\.image_mask: Invalid value 'boxes'"),
     ("conta.confounder_set.source=labels", r"conta\.confounder_set\.source: Invalid value 'labels'"),
     ("progress=fancy", r"progress: Invalid value 'fancy', expected one of \[rich, tqdm, none\]"),
-    ("baseline.refinement.ir_labels.conf_bg=0.5", r"baseline\.refinement\.ir_labels: IR labels need conf_bg "
-                                                  r"<= conf_fg, got conf_bg=0.5, conf_fg=0.3"),
+    ("baseline.refinement.ir_labels.conf_bg=-0.5", r"baseline\.refinement\.ir_labels\.conf_bg must be >= 0.0"),
+    ("baseline.refinement.ir_labels.conf_fg=bright", r"baseline\.refinement\.ir_labels\.conf_fg must be a number"),
     ("baseline.seeds.normalise=sum", r"baseline\.seeds: normalise must be one of max \| minmax, got 'sum'"),
     ("baseline.refinement.ir_labels.conf_fg=1.5", r"baseline\.refinement\.ir_labels\.conf_fg must be <= 1"),
 ])

@@ -68,11 +68,11 @@ def test_table(results):
     lines = results.table().splitlines()
     header = lines[0].split()
     assert header[0] == "round"
-    assert "seed mIoU" in lines[0] and "best thr" in lines[0] and "seg val" in lines[0]
-    assert "mask mIoU" not in lines[0]  # no stage reported it
-    assert lines[2].split() == ["0", "40.0", "0.15", "50.0"]
-    assert lines[3].split() == ["1", "45.0", "0.20", "48.0"]
-    assert lines[4].split() == ["1", "vs", "0", "+5.0", "-", "-2.0"]  # no delta of a threshold
+    assert "seed fixed" in lines[0] and "best thr" in lines[0] and "seg val" in lines[0]
+    assert "mask mIoU" not in lines[0] and "seed best" not in lines[0]  # no stage reported them
+    assert lines[2].split() == ["0", "0.15", "40.0", "50.0"]
+    assert lines[3].split() == ["1", "0.20", "45.0", "48.0"]
+    assert lines[4].split() == ["1", "vs", "0", "-", "+5.0", "-2.0"]  # no delta of a threshold
 
 
 def test_optimized_metric_is_the_last_rounds_value_and_missing_raises(results):
@@ -93,7 +93,7 @@ def test_columns_follow_the_data_configs_split_names(tmp_path):
     res.record(0, "seeds", artifact("seeds", {"train2014/seed_miou": 0.3}), 1.0)
     res.record(0, "segmentation", artifact("segmentation", {"val2014/miou": 0.25}), 1.0)
     lines = res.table().splitlines()
-    assert lines[0].split() == ["round", "cls", "mAP", "seed", "mIoU", "seg", "val2014"]
+    assert lines[0].split() == ["round", "cls", "mAP", "seed", "fixed", "seg", "val2014"]
     assert lines[2].split() == ["0", "90.0", "30.0", "25.0"]
     assert res.optimized() == pytest.approx(0.25)
     columns = json.loads(res.write().read_text())["columns"]

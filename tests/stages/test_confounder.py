@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -76,5 +77,7 @@ def test_round_one_resumes_from_the_saved_confounder_set(make_cfg, tmp_path: Pat
     assert not second.rounds[1]["stages"]["classification"]["reused"]
     c_path = Path(second.rounds[0]["stages"]["confounder_set"]["artifact"]) / "confounder_set.pt"
     saved = torch.load(c_path, weights_only=True)
-    assert saved["confounders"].shape == (6, 6, 6)  # n classes x (crop 48 / output stride 8)^2
+    stride = math.prod(cfg.profile.cam.backbone.strides) * 2  # conv1, layer2-4, and the stem's max pool
+    side = cfg.profile.cam.crop // stride
+    assert saved["confounders"].shape == (6, side, side)  # n classes x (crop / the classifier's output stride)^2
     assert second.summary(1) == first.summary(1)  # the same C gives the same round 1
