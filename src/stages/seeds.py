@@ -14,7 +14,6 @@ refinement, the alpha power for AffinityNet's).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,10 +122,13 @@ def seed_metrics(ctx: StageContext, folder: Path, eval_threshold: float, thresho
         return {"summary": {}, "note": "no ground truth on the train split: seeds not scored"}
     res = score_cam_folder(data, ids, folder, thresholds, eval_threshold)
     widened = widen(thresholds, res["best_threshold"])
-    if widened:  # the best lay at the sweep's end: it may lie above; sweep on to 1
+    if widened:  # the best lay at the sweep's end: it may lie above; sweep on to 1 (only the new thresholds)
         log.info(f"the best seed threshold {res['best_threshold']:g} is the sweep's upper end: sweeping on to "
                  f"{widened[-1]:g}")
-        res = {**score_cam_folder(data, ids, folder, widened, eval_threshold), "widened_from": max(thresholds)}
+        more = score_cam_folder(data, ids, folder, [t for t in widened if t > max(thresholds)], eval_threshold)
+        res = {**(more if more["best"]["miou"] > res["best"]["miou"] else res),  # a tie keeps the lower threshold
+               "miou_per_threshold": {**res["miou_per_threshold"], **more["miou_per_threshold"]},
+               "widened_from": max(thresholds)}
     split = data.seed_metric_split
     res["summary"] = {
         f"{split}/seed_best_miou": res["best"]["miou"],
@@ -143,6 +145,5 @@ def widen(thresholds: Sequence[float], best: float) -> list[float] | None:
     if best < top or top >= 1.0 or len(thresholds) < 2:
         return None
     step = round(sorted(thresholds)[-1] - sorted(thresholds)[-2], 6)
-    n = int(math.floor((1.0 - min(thresholds)) / step + 1e-9))
-    return [round(min(thresholds) + i * step, 6) for i in range(n)]
+    return thresholds_from({"start": min(thresholds), "stop": 1.0, "step": step})
 

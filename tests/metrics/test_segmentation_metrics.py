@@ -283,6 +283,10 @@ def test_seed_metrics_widens_a_sweep_whose_best_is_its_end(tiny_layout, tmp_path
     assert capped["widened_from"] == 0.1 and max(capped["miou_per_threshold"]) == 0.95
     assert capped["summary"]["train/seed_best_threshold"] == 0.1  # ties keep the lowest threshold
     assert capped["provides"] == {"best_threshold": 0.1}
+    # scoring only the new thresholds and merging gives what one sweep over the widened range gives
+    whole = score_cam_folder(data, ["a", "b"], tmp_path / "cams", widen([0.05, 0.1], 0.1), 0.1)
+    assert capped["miou_per_threshold"] == whole["miou_per_threshold"]
+    assert capped["best"] == whole["best"] and capped["at_threshold"] == whole["at_threshold"]
     inside = seed_metrics(ctx, tmp_path / "cams", 0.1, [0.05, 0.1, 0.3])
     assert inside["summary"]["train/seed_best_threshold"] == 0.1 and "widened_from" not in inside
     assert widen([0.0, 0.2, 0.4], 0.4) == [0.0, 0.2, 0.4, 0.6, 0.8] and widen([0.0, 0.2, 0.4], 0.2) is None
