@@ -57,11 +57,16 @@ def last_round(run: Path) -> dict[str, float | None]:
 
 
 def finished(run: Path) -> bool:
-    """results.json is rewritten after every stage: a run still going has no segmentation in its last round."""
+    """results.json is rewritten after every stage; it says ``finished`` once every planned stage of every round
+    is in (older files without the field: a segmentation in the last round, which a multi-round run still going
+    also has)."""
     path = run / "results.json"
     if not path.is_file():
         return False
-    return "segmentation" in max(json.loads(path.read_text())["rounds"], key=lambda e: e["round"])["stages"]
+    results = json.loads(path.read_text())
+    if "finished" in results:
+        return bool(results["finished"])
+    return "segmentation" in max(results["rounds"], key=lambda e: e["round"])["stages"]
 
 
 def cell(values: list[float | None]) -> str:

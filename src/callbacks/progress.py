@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
+from src.utils.config import check_choice
+
 KINDS = ("rich", "tqdm", "none")
 
 
@@ -38,8 +40,7 @@ class PipelineProgressBar(RichProgressBar):
 
 def progress_bar(kind: str) -> pl.Callback | None:
     """The progress callback of a stage's Trainer (``rich``, ``tqdm`` or ``none``: no callback)."""
-    if kind not in KINDS:
-        raise ValueError(f"progress must be one of {' | '.join(KINDS)}, got {kind!r}")
+    check_choice("progress", kind, KINDS)
     if kind == "rich":
         return PipelineProgressBar()
     if kind == "tqdm":

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from src.utils.config import check_choice
+
 IMAGE_MASK_MODES = ("foreground", "label_map", "per_class")
 INJECT_MODES = ("feature", "input")
 NORMALIZE_MODES = ("none", "max")
@@ -54,7 +56,8 @@ def image_mask_vector(label_map: torch.Tensor, num_classes: int, mode: str) -> t
         if mode == "per_class":
             onehot = F.one_hot(labels, num_classes + 1)[..., 1:]
             return onehot.permute(0, 3, 1, 2).float().flatten(2)
-    raise ValueError(f"conta.image_mask must be one of {IMAGE_MASK_MODES}, got '{mode}'")
+    check_choice("conta.image_mask", mode, IMAGE_MASK_MODES)
+    raise AssertionError(f"image_mask {mode!r} has no rule")
 
 
 class ContextAdjustment(nn.Module):
@@ -63,11 +66,9 @@ class ContextAdjustment(nn.Module):
     def __init__(self, confounder_set: torch.Tensor, image_mask: str = "foreground", normalize: str = "none"
                  ) -> None:
         super().__init__()
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"conta.context.normalize must be one of {NORMALIZE_MODES}, got '{normalize}'")
+        check_choice("conta.context.normalize", normalize, NORMALIZE_MODES)
         self.normalize = normalize
-        if image_mask not in IMAGE_MASK_MODES:
-            raise ValueError(f"conta.image_mask must be one of {IMAGE_MASK_MODES}, got '{image_mask}'")
+        check_choice("conta.image_mask", image_mask, IMAGE_MASK_MODES)
         if confounder_set.dim() != 3:
             raise ValueError(f"the confounder set must be (n, h, w), got shape {tuple(confounder_set.shape)}")
         n, h, w = confounder_set.shape
@@ -107,8 +108,7 @@ class ContextInjection:
 
     def enable_context(self, inject: str = "feature") -> None:
         """Widen the layer that receives M by one zero-initialised input channel."""
-        if inject not in INJECT_MODES:
-            raise ValueError(f"conta.inject must be one of {INJECT_MODES}, got '{inject}'")
+        check_choice("conta.inject", inject, INJECT_MODES)
         if self.context_inject is not None:
             return
         if inject == "feature":

@@ -32,6 +32,7 @@ from src.models.cam_net import CAMNet, trunk
 from src.models.conta import ContextInjection
 from src.ops.deform_conv import DeformConv2d, deform_conv2d
 from src.ops.optim import ParamGroup
+from src.utils.config import check_choice
 
 STAGES = ("expansion", "shrinkage")
 KERNEL_INITS = ("identity", "kaiming")
@@ -41,23 +42,17 @@ BACKBONE_TRAINING = ("frozen", "train")
 SHRINK_CLASSIFIERS = ("copy", "shared")
 
 
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {' | '.join(options)}, got {value!r}")
-    return str(value)
-
-
 def check_options(stage: str, kernel_size: int, offset_groups: int, kernel_init: str, clip: Mapping[str, Any],
                   backbone: str, expansion_kernel: str, shrink_kernel: str, shrink_classifier: str,
-                  head_lr_mult: float, offset_lr_mult: float) -> None:
+                  head_lr_mult: float, offset_lr_mult: float, offset_bound: float | None = None) -> None:
     """The ESOL net's options (:class:`ESOLNet`), checked without building it (the stages check their config)."""
-    _choice("stage", stage, STAGES)
-    _choice("kernel_init", kernel_init, KERNEL_INITS)
-    _choice("backbone", backbone, BACKBONE_TRAINING)
-    _choice("expansion_kernel", expansion_kernel, KERNEL_TRAINING)
-    _choice("shrink_kernel", shrink_kernel, KERNEL_TRAINING)
-    _choice("shrink_classifier", shrink_classifier, SHRINK_CLASSIFIERS)
-    _choice("clip.mode", clip["mode"], CLIP_MODES)
+    check_choice("stage", stage, STAGES)
+    check_choice("kernel_init", kernel_init, KERNEL_INITS)
+    check_choice("backbone", backbone, BACKBONE_TRAINING)
+    check_choice("expansion_kernel", expansion_kernel, KERNEL_TRAINING)
+    check_choice("shrink_kernel", shrink_kernel, KERNEL_TRAINING)
+    check_choice("shrink_classifier", shrink_classifier, SHRINK_CLASSIFIERS)
+    check_choice("clip.mode", clip["mode"], CLIP_MODES)
     for name, value in (("kernel_size", kernel_size), ("offset_groups", offset_groups)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -67,6 +62,9 @@ def check_options(stage: str, kernel_size: int, offset_groups: int, kernel_init:
                         ("offset_lr_mult", offset_lr_mult)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if offset_bound is not None and (isinstance(offset_bound, bool) or not isinstance(offset_bound, int | float)
+                                     or not offset_bound > 0):
+        raise ValueError(f"offset_bound must be null (unbounded) or a number of cells > 0, got {offset_bound!r}")
 
 
 class GradientReversal(torch.autograd.Function):
@@ -94,7 +92,7 @@ class Clip(nn.Module):
 
     def __init__(self, mode: str, kappa: float, tau: float) -> None:
         super().__init__()
-        self.mode = _choice("clip.mode", mode, CLIP_MODES)
+        self.mode = check_choice("clip.mode", mode, CLIP_MODES)
         if not kappa > 0 or not tau > 0:
             raise ValueError(f"clip.kappa and clip.tau must be > 0, got kappa={kappa}, tau={tau}")
         self.kappa, self.tau = float(kappa), float(tau)
@@ -115,10 +113,16 @@ class Clip(nn.Module):
 class DeformableHead(nn.Module):
     """One ESOL layer: a sampler (``offset``: plain conv to 2 G K offset channels, zero-initialised as mmcv's
     DeformConv2dPack, so training starts on the regular grid) and a C -> C deformable kernel without bias
-    (``dcn``), identity-initialised (centre tap = identity) or kaiming."""
+    (``dcn``), identity-initialised (centre tap = identity) or kaiming. ``offset_bound`` (ours, in feature
+    cells): offsets = bound x tanh(raw / bound), so an ascending sampler cannot leave a small map (where it
+    reads zeros); near zero it is the raw offset, so training starts as without it."""
 
-    def __init__(self, channels: int, kernel_size: int, offset_groups: int, kernel_init: str) -> None:
+    def __init__(self, channels: int, kernel_size: int, offset_groups: int, kernel_init: str,
+                 offset_bound: float | None = None) -> None:
         super().__init__()
+        if offset_bound is not None and not offset_bound > 0:
+            raise ValueError(f"offset_bound must be null or > 0 feature cells, got {offset_bound}")
+        self.offset_bound = None if offset_bound is None else float(offset_bound)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
         if offset_groups < 1 or channels % offset_groups:
@@ -129,14 +133,17 @@ class DeformableHead(nn.Module):
         nn.init.zeros_(self.offset.bias)
         self.dcn = DeformConv2d(channels, channels, kernel_size, padding=pad, bias=False)
         with torch.no_grad():
-            if _choice("kernel_init", kernel_init, KERNEL_INITS) == "identity":
+            if check_choice("kernel_init", kernel_init, KERNEL_INITS) == "identity":
                 self.dcn.weight.zero_()
                 self.dcn.weight[:, :, pad, pad] = torch.eye(channels)
             else:  # mmcv's kaiming_init of a conv followed by ReLU
                 nn.init.kaiming_uniform_(self.dcn.weight, nonlinearity="relu")
 
     def offsets(self, f: torch.Tensor) -> torch.Tensor:
-        return self.offset(f)
+        raw = self.offset(f)
+        if self.offset_bound is None:
+            return raw
+        return self.offset_bound * torch.tanh(raw / self.offset_bound)
 
     def forward(self, f: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The deformable conv of ``f`` at ``offsets`` (``weight``: the kernel, e.g. detached; default own)."""
@@ -151,14 +158,16 @@ class ESOLNet(ContextInjection, nn.Module):
     ``kernel_size`` / ``offset_groups`` / ``kernel_init``, ``clip`` ({mode, kappa, tau}), what trains:
     ``backbone`` (frozen | train, expansion), ``expansion_kernel`` / ``shrink_kernel`` (W1 / W2: frozen |
     cls_only), ``shrink_classifier`` (copy: a copy of the expansion classifier | shared: the same one), and
-    the lr multipliers ``head_lr_mult`` (classifiers and kernels) and ``offset_lr_mult`` (samplers, x head)."""
+    the lr multipliers ``head_lr_mult`` (classifiers and kernels) and ``offset_lr_mult`` (samplers, x head),
+    and ``offset_bound`` (both samplers' offsets bounded to that many feature cells; null: unbounded)."""
 
     def __init__(self, cam_net: CAMNet, stage: str, kernel_size: int, offset_groups: int, kernel_init: str,
                  clip: Mapping[str, Any], backbone: str, expansion_kernel: str, shrink_kernel: str,
-                 shrink_classifier: str, head_lr_mult: float, offset_lr_mult: float) -> None:
+                 shrink_classifier: str, head_lr_mult: float, offset_lr_mult: float,
+                 offset_bound: float | None = None) -> None:
         super().__init__()
         check_options(stage, kernel_size, offset_groups, kernel_init, clip, backbone, expansion_kernel, shrink_kernel,
-                      shrink_classifier, head_lr_mult, offset_lr_mult)
+                      shrink_classifier, head_lr_mult, offset_lr_mult, offset_bound)
         self.stage, self.backbone_mode = stage, backbone
         self.expansion_kernel, self.shrink_kernel = expansion_kernel, shrink_kernel
         self.shrink_classifier_mode = shrink_classifier
@@ -172,10 +181,10 @@ class ESOLNet(ContextInjection, nn.Module):
         self.output_stride = cam_net.output_stride
         self.feature_channels = cam_net.feature_channels
         channels = self.backbone.out_channels
-        self.expansion = DeformableHead(channels, kernel_size, offset_groups, kernel_init)
+        self.expansion = DeformableHead(channels, kernel_size, offset_groups, kernel_init, offset_bound)
         self.clip = Clip(str(clip["mode"]), float(clip["kappa"]), float(clip["tau"]))
         if self.stage == "shrinkage":
-            self.shrinkage = DeformableHead(channels, kernel_size, offset_groups, kernel_init)
+            self.shrinkage = DeformableHead(channels, kernel_size, offset_groups, kernel_init, offset_bound)
             if self.shrink_classifier_mode == "copy":
                 self.shrink_classifier = copy.deepcopy(self.classifier)
         self._freeze()

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from src.utils.config import check_choice
+
 CamFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 Pyramid = Callable[[float], torch.Tensor]  # scale -> the network input (B, 3, round(H s), round(W s))
 PYRAMIDS = ("torch", "pil")
@@ -92,8 +94,7 @@ def multiscale_cams(cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float]
     size, cropped; IRNet) or ``via_input`` (maps -> the scaled input's size with align_corners=True, then
     -> the stride-4 size and the image size; SEAM); see the module docstring.
     """
-    if upsample not in UPSAMPLES:
-        raise ValueError(f"upsample must be one of {' | '.join(UPSAMPLES)}, got {upsample!r}")
+    check_choice("upsample", upsample, UPSAMPLES)
     b, _, h, w = images.shape
     pyramid = torch_pyramid(images) if pyramid is None else pyramid
     small = strided_size((h, w), cam_stride)

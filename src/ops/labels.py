@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from src.ops.crf import crf_refine_labels, crf_refine_probs
+from src.utils.config import check_choice
 from src.utils.labels import IGNORE
 
 NO_VOTE = 254
@@ -108,8 +109,7 @@ def stride_labels(mask: torch.Tensor, stride: int, num_classes: int, padding: st
     multiple) are left out of the fractions, as the reference's zero scores, and a cell of padding only is
     255 (the reference's ``no_score_region``). ``unknown``: they count as unknown.
     """
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {' | '.join(PADDINGS)}, got {padding!r}")
+    check_choice("padding", padding, PADDINGS)
     b, h, w = mask.shape
     pad_h, pad_w = -h % stride, -w % stride
     unknown_id, no_vote_id = num_classes + 1, num_classes + 2

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from src.ops.path_index import PathIndex
+from src.utils.config import check_choice
 from src.utils.labels import IGNORE
 
 # IRN (spec stage 4): every mean is sum / (count + 1e-5); logs use -log(a + 1e-5), -log(1 + 1e-5 - a).
@@ -282,8 +283,7 @@ def area_loss(cam: torch.Tensor, labels: torch.Tensor, normalise: str = "max", e
     of mean_hw A, with A = ReLU(cam) / (max_hw ReLU(cam) + eps) (``max``; the max is not detached, so the
     term is scale-invariant and rewards compact maps) or A = ReLU(cam) (``none``). cam (B, K, h, w), labels
     (B, K) in {0, 1}; 0 when no class is present."""
-    if normalise not in AREA_NORMALISATIONS:
-        raise ValueError(f"area normalise must be one of {' | '.join(AREA_NORMALISATIONS)}, got {normalise!r}")
+    check_choice("area normalise", normalise, AREA_NORMALISATIONS)
     act = F.relu(cam.float())
     if normalise == "max":
         act = act / (act.amax(dim=(2, 3), keepdim=True) + eps)

@@ -70,6 +70,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResults:
     settings = runtime(cfg, run_dir)
     produced: dict[tuple[str, int], Artifact] = {}
     total = sum(len(s) for s in rounds)
+    results.planned = total
     k = 0
     warned: set[str] = set()
     for r, stages in enumerate(rounds):

@@ -32,6 +32,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from src.stages.core import Stage
+from src.utils.config import check_choice
 
 WHEN = ("every_round", "before_next_round")
 
@@ -89,9 +90,7 @@ def round_stages(cfg: DictConfig, feeds_next_round: bool) -> dict[str, tuple[str
     for group, method in stage_sources(cfg):
         for name, entry in (method.get("stages") or {}).items():
             key = f"{group}.stages.{name}"
-            when = str(entry.get("when", "every_round"))
-            if when not in WHEN:
-                raise ValueError(f"{key}.when must be one of {' | '.join(WHEN)}, got {when!r}")
+            when = check_choice(f"{key}.when", str(entry.get("when", "every_round")), WHEN)
             enabled = entry.get("enabled", True)
             if not isinstance(enabled, bool):
                 raise ValueError(f"{key}.enabled must be true or false, got {enabled!r}")

@@ -51,6 +51,7 @@ class RunResults:
         self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
         self.rounds: dict[int, dict[str, Any]] = {}
         self.columns = table_columns(data)
+        self.planned = 0  # stages the plan holds (all rounds): the run is finished once each is recorded
 
     def record(self, round_index: int, stage: str, artifact: Artifact, seconds: float) -> None:
         entry = self.rounds.setdefault(round_index, {"round": round_index, "stages": {}, "timings_s": {}})
@@ -131,7 +132,14 @@ class RunResults:
             "warnings": self.warnings(),
             "total_time_s": round(sum(t["this_run"] for e in self.rounds.values()
                                       for t in e["timings_s"].values()), 2),
+            # results.json is rewritten after every stage: a reader tells a finished run by these two
+            "stages_planned": self.planned,
+            "finished": self.finished,
         }
+
+    @property
+    def finished(self) -> bool:
+        return self.planned > 0 and sum(len(e["stages"]) for e in self.rounds.values()) >= self.planned
 
     def write(self) -> Path:
         path = self.run_dir / "results.json"

@@ -24,6 +24,7 @@ from src.ops.losses import affinity_loss
 from src.ops.pairs import affinity_labels_in_radius, to_label_layout
 from src.stages.core import StageContext
 from src.stages.training import PolySGDModule, RefinerTrainingStage
+from src.utils.config import check_choice
 from src.utils.dist import global_mean_count
 
 LOGGED_TERMS = ("bg_loss", "fg_loss", "neg_loss")
@@ -53,8 +54,7 @@ class AffinityStage(RefinerTrainingStage):
     def __init__(self, net: DictConfig, radius: int, epochs: int, batch_size: int, optim: DictConfig,
                  augment: list, padding: str, inputs: Mapping[str, str] | None = None) -> None:
         super().__init__(net, radius, epochs, batch_size, optim, augment, inputs)
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {' | '.join(PADDINGS)}, got {padding!r}")
+        check_choice("padding", padding, PADDINGS)
         fills = [step.get("fill_mask") if isinstance(step, Mapping) else getattr(step, "fill_mask", None)
                  for step in augment]
         fills = [fill for fill in fills if fill is not None]

@@ -38,14 +38,10 @@ from src.ops.optim import ParamGroup
 from src.stages.classification import ClassificationModule, ClassificationStage, with_context
 from src.stages.core import Artifact, ParameterError, StageContext, check_number, container
 from src.stages.training import load_state, read_checkpoint
+from src.utils.config import check_choice
 
 INVERSE_CLASSES = ("all", "positive")
 UPDATES = ("simultaneous", "alternate")
-
-
-def check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ParameterError(f"{name} must be one of {' | '.join(options)}, got {value!r}")
 
 
 class ESOLModule(ClassificationModule):
@@ -97,8 +93,8 @@ class ExpansionModule(ESOLModule):
     @staticmethod
     def check_options(lambda_e: float, inverse_classes: str, update: str) -> None:
         check_number("module.lambda_e", lambda_e, 0.0, low_open=True)
-        check_choice("module.inverse_classes", inverse_classes, INVERSE_CLASSES)
-        check_choice("module.update", update, UPDATES)
+        check_choice("module.inverse_classes", inverse_classes, INVERSE_CLASSES, ParameterError)
+        check_choice("module.update", update, UPDATES, ParameterError)
 
     def inverse_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.inverse_classes == "positive":

@@ -60,6 +60,7 @@ from src.stages.predict import (
     write_label_png,
 )
 from src.stages.training import load_trained_net
+from src.utils.config import check_choice
 from src.utils.io import load_npz, save_npz_atomic
 
 
@@ -210,8 +211,7 @@ class AffinityRandomWalkStage(RandomWalkStage):
         if alpha != AUTO and alpha <= 0:
             raise ValueError(f"the AffinityNet walk needs a background power alpha > 0, got {alpha}")
         self.auto_offset = auto_offset
-        if pairs not in WALK_PAIRS:
-            raise ValueError(f"pairs must be one of {' | '.join(WALK_PAIRS)}, got {pairs!r}")
+        check_choice("pairs", pairs, WALK_PAIRS)
         self.alpha, self.pairs = alpha, pairs
 
     def build_module(self, ctx: StageContext) -> pl.LightningModule:

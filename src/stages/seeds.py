@@ -26,6 +26,7 @@ from src.ops.cams import NORMALISATIONS, PYRAMIDS, UPSAMPLES, multiscale_cams, p
 from src.stages.classification import load_classifier
 from src.stages.core import CAMS, StageContext, check_number
 from src.stages.predict import PerImagePredictStage, same_size_groups, score_cam_folder, thresholds_from
+from src.utils.config import check_choice
 from src.utils.io import save_npz_atomic
 from src.utils.logging import get_logger
 
@@ -85,12 +86,9 @@ class SeedStage(PerImagePredictStage):
                  eval_threshold: float, sweep_thresholds: Mapping[str, float], dtype: str, batch_size: int,
                  pyramid: str, upsample: str, inputs: Mapping[str, str] | None = None) -> None:
         super().__init__(batch_size, inputs)
-        if normalise not in NORMALISATIONS:
-            raise ValueError(f"normalise must be one of {' | '.join(NORMALISATIONS)}, got {normalise!r}")
-        if pyramid not in PYRAMIDS:
-            raise ValueError(f"pyramid must be one of {' | '.join(PYRAMIDS)}, got {pyramid!r}")
-        if upsample not in UPSAMPLES:
-            raise ValueError(f"upsample must be one of {' | '.join(UPSAMPLES)}, got {upsample!r}")
+        check_choice("normalise", normalise, NORMALISATIONS)
+        check_choice("pyramid", pyramid, PYRAMIDS)
+        check_choice("upsample", upsample, UPSAMPLES)
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 | float32, got {dtype!r}")
         check_number("eval_threshold", eval_threshold, 0.0, 1.0)

@@ -22,6 +22,7 @@ from src.ops.optim import ParamGroup
 from src.stages.core import MASKS, PREDICTIONS, Artifact, StageContext, check_number, container
 from src.stages.predict import predict_to_folder, same_size_groups, score_label_folder, write_label_png
 from src.stages.training import PolySGDModule, TrainingStage, load_trained_net
+from src.utils.config import check_choice
 from src.utils.dist import global_mean_count
 
 
@@ -81,10 +82,8 @@ class SegmentationStage(TrainingStage):
                  batch_size: int, optim: DictConfig, augment: list, eval: DictConfig, train_on: str,
                  loss_at: str, inputs: Mapping[str, str] | None = None) -> None:
         super().__init__(net, epochs, batch_size, optim, augment, inputs, max_steps)
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {' | '.join(TRAIN_ON)}, got {train_on!r}")
-        if loss_at not in LOSS_RESOLUTIONS:
-            raise ValueError(f"loss_at must be one of {' | '.join(LOSS_RESOLUTIONS)}, got {loss_at!r}")
+        check_choice("train_on", train_on, TRAIN_ON)
+        check_choice("loss_at", loss_at, LOSS_RESOLUTIONS)
         self.train_on, self.loss_at = train_on, loss_at
         self.msc_scales = list(msc_scales)
         self.eval_cfg = container(eval)

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from src.models.conta import ContextPrior
 from src.models.esol import ESOLNet
 from src.ops.losses import AREA_NORMALISATIONS, area_loss
-from src.stages.core import Artifact, check_number, container
-from src.stages.expansion import ESOLModule, ESOLStage, check_choice
+from src.stages.core import Artifact, ParameterError, check_number, container
+from src.stages.expansion import ESOLModule, ESOLStage
 from src.stages.training import read_checkpoint
+from src.utils.config import check_choice
 
 
 class ShrinkageModule(ESOLModule):
@@ -36,7 +37,7 @@ class ShrinkageModule(ESOLModule):
     @staticmethod
     def check_options(lambda_a: float, area_normalise: str) -> None:
         check_number("module.lambda_a", lambda_a, 0.0)
-        check_choice("module.area_normalise", area_normalise, AREA_NORMALISATIONS)
+        check_choice("module.area_normalise", area_normalise, AREA_NORMALISATIONS, ParameterError)
 
     def step_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         net: ESOLNet = self.net

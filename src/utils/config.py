@@ -1,6 +1,9 @@
-"""OmegaConf resolvers used in conf/ (registered once, on import of ``src``)."""
+"""OmegaConf resolvers used in conf/ (registered once, on import of ``src``) and the check of a choice setting."""
 
 from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -8,10 +11,15 @@ from omegaconf import OmegaConf
 WARM_START_STAGES = {"none": None, "classifier": "classification", "segmentation_backbone": "segmentation"}
 
 
+def check_choice(name: str, value: Any, options: Collection[str], error: type[Exception] = ValueError) -> str:
+    """``value`` if it is one of ``options``, else ``error`` naming the setting and the choices."""
+    if value not in options:
+        raise error(f"{name} must be one of {' | '.join(options)}, got {value!r}")
+    return str(value)
+
+
 def warm_start_stage(choice: str) -> str | None:
-    if choice not in WARM_START_STAGES:
-        raise ValueError(f"conta.warm_start must be one of {' | '.join(WARM_START_STAGES)}, got {choice!r}")
-    return WARM_START_STAGES[choice]
+    return WARM_START_STAGES[check_choice("conta.warm_start", choice, WARM_START_STAGES)]
 
 
 def register_resolvers() -> None:

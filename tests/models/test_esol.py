@@ -166,3 +166,23 @@ def test_bad_options_are_named(change, message) -> None:
     stage = options.pop("stage")
     with pytest.raises(ValueError, match=message):
         ESOLNet(cam_net(), stage, **options)
+
+
+def test_offset_bound_caps_the_offsets_and_is_the_raw_offset_near_zero() -> None:
+    bounded, free = esol(offset_bound=1.5), esol()
+    for net, scale in ((bounded, 40.0), (free, 40.0)):
+        randomise_offsets(net.expansion, scale=scale)
+    f = torch.randn(2, bounded.backbone.out_channels, 6, 6)
+    raw = free.expansion_offsets(f)
+    capped = bounded.expansion_offsets(f)
+    assert raw.abs().max() > 10  # the unbounded sampler leaves a 6 x 6 map
+    assert capped.abs().max() <= 1.5
+    torch.testing.assert_close(capped, 1.5 * torch.tanh(raw / 1.5))
+    small = torch.tensor([1e-3, -2e-3])
+    torch.testing.assert_close(1.5 * torch.tanh(small / 1.5), small, atol=1e-8, rtol=1e-5)
+
+
+def test_offset_bound_must_be_positive_or_null() -> None:
+    with pytest.raises(ValueError, match="offset_bound must be null"):
+        esol(offset_bound=0)
+    assert esol(offset_bound=None).expansion.offset_bound is None

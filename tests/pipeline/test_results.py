@@ -98,3 +98,16 @@ def test_columns_follow_the_data_configs_split_names(tmp_path):
     assert res.optimized() == pytest.approx(0.25)
     columns = json.loads(res.write().read_text())["columns"]
     assert ["seg val2014", "segmentation/val2014/miou"] in columns
+
+
+def test_results_json_says_finished_once_every_planned_stage_is_in(tmp_path):
+    cfg = OmegaConf.create({"baseline": {"name": "irnet"}, "seed": 0, "optimized_metric": None})
+    res = RunResults(cfg, tmp_path, bundle())
+    res.planned = 4  # two rounds of seeds + segmentation
+    res.record(0, "seeds", artifact("seeds", {}), 1.0)
+    res.record(0, "segmentation", artifact("segmentation", {"val/miou": 0.5}), 1.0)
+    data = json.loads(res.write().read_text())
+    assert (data["stages_planned"], data["finished"]) == (4, False)  # round 0 has its segmentation, round 1 not
+    res.record(1, "seeds", artifact("seeds", {}), 1.0)
+    res.record(1, "segmentation", artifact("segmentation", {"val/miou": 0.6}), 1.0)
+    assert json.loads(res.write().read_text())["finished"] is True
