@@ -6,7 +6,8 @@ e.g. ``none='/work/runs/baselines/*irnet*' cda='/work/runs/debias/*irnet*cda*'``
 threshold), pseudo-mask and segmentation mIoU; the pair classes' (rider, horse) IoU at seeds and masks;
 pair leakage (share of one pair class's pixels labelled as the other) and water labelled boat in the
 masks. With ``--oracle``, each label's share of the baseline-to-oracle gap on the pair's mask IoU that it
-recovers (the first label is the baseline). Why one script: experiments/miniature/RESULTS.md and
+recovers (the first label is the baseline), with the 95% Welch interval of the difference. Why one
+script: experiments/miniature/RESULTS.md and
 experiments/debias_synthetic/RESULTS.md quote these tables; their numbers come from the runs' results.json.
 """
 
@@ -19,6 +20,7 @@ import statistics
 from pathlib import Path
 
 from experiments.conta_synthetic.analyze import PAIR, context_leakage, leakage
+from src.callbacks.sweep_summary import welch_interval
 
 ROWS = [
     ("seeds, best thr (mIoU)", "seed_best"),
@@ -111,7 +113,10 @@ def main() -> None:
             if g == args.oracle:
                 continue
             d = statistics.mean(pair[g]) - base
-            print(f"- {g}: {100 * d:+.1f} on the pair ({d / gap:.0%} of the gap; "
+            ci = welch_interval(pair[g], pair[labels[0]])
+            interval = ("" if ci["low"] is None else
+                        f", 95% Welch interval [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}]")
+            print(f"- {g}: {100 * d:+.1f} on the pair{interval} ({d / gap:.0%} of the gap; "
                   f"{'more' if abs(d) > 2 * sd else 'not more'} than twice the baseline's std)")
 
 

@@ -51,6 +51,11 @@ class ConfounderSource(Enum):
     pseudo_masks = "pseudo_masks"
 
 
+class ImageMaskSource(Enum):
+    segmentation = "segmentation"
+    ground_truth = "ground_truth"
+
+
 def _at_least(name: str, value: Any, low: float) -> None:
     if value is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -98,6 +103,7 @@ class ContextSchema:
 @dataclass
 class ConfounderSetSchema:
     source: ConfounderSource
+    image_masks: ImageMaskSource = ImageMaskSource.segmentation
     size: Any = None  # null or (h, w)
     soft: bool = False
     batch_size: int = 1

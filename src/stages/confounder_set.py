@@ -24,7 +24,16 @@ from omegaconf import DictConfig
 from src.callbacks.confounder_set import ConfounderSetCallback
 from src.data.datasets import WSSSDataset
 from src.models.conta import ContextPrior
-from src.stages.core import CONFOUNDER_FILE, IMAGE_MASKS, MASKS, Artifact, Stage, StageContext, container
+from src.stages.core import (
+    CONFOUNDER_FILE,
+    IMAGE_MASKS,
+    MASKS,
+    Artifact,
+    ParameterError,
+    Stage,
+    StageContext,
+    container,
+)
 from src.stages.predict import run_predict, same_size_groups
 from src.stages.segmentation import load_segmentation
 from src.utils import dist
@@ -76,10 +85,19 @@ class ConfounderPrediction(pl.LightningModule):
     """predict_step: per image, class masks at h x w (background first) for C, and the image mask X_m."""
 
     def __init__(self, seg: pl.LightningModule, num_classes: int, size: tuple[int, int], soft: bool,
-                 soft_image_mask: bool, use_targets: bool) -> None:
+                 soft_image_mask: bool, use_targets: bool, image_masks_from_targets: bool = False) -> None:
         super().__init__()
         self.seg, self.num_classes, self.size = seg, num_classes, tuple(size)
         self.soft, self.soft_image_mask, self.use_targets = soft, soft_image_mask, use_targets
+        self.image_masks_from_targets = image_masks_from_targets
+
+    def target_masks(self, sample: dict) -> torch.Tensor:
+        """The sample's target mask as per-class covered fractions at h x w (ignored pixels count for none)."""
+        k = self.num_classes + 1
+        target = sample["mask"].to(self.device)
+        valid = (target != IGNORE).float()
+        onehot = F.one_hot(target.clamp(max=k - 1), k).permute(2, 0, 1).float() * valid
+        return area_resize(onehot, self.size)
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[tuple[str, dict]]:
@@ -92,12 +110,11 @@ class ConfounderPrediction(pl.LightningModule):
                 image_probs = area_resize(p, self.size)
                 image_hard = area_resize(hard, self.size)
                 if self.use_targets:  # C from the round's pseudo-masks instead of the predictions
-                    target = sample["mask"].to(self.device)
-                    valid = (target != IGNORE).float()
-                    onehot = F.one_hot(target.clamp(max=k - 1), k).permute(2, 0, 1).float() * valid
-                    class_masks = area_resize(onehot, self.size)
+                    class_masks = self.target_masks(sample)
                 else:
                     class_masks = image_probs if self.soft else image_hard
+                if self.image_masks_from_targets:  # X_m (not C) from the ground truth: the oracle diagnostic
+                    image_probs = image_hard = self.target_masks(sample)
                 payload = {
                     "class_masks": class_masks.cpu(),
                     "labels": sample["label"],
@@ -131,13 +148,19 @@ def save_priors_picture(path: Path, confounders: torch.Tensor, class_names: Sequ
 
 class ConfounderSetStage(Stage):
     """C from the ``model`` input's predictions over the train split (or from the round's ``pseudo_masks``
-    with ``source=pseudo_masks``), at ``size`` or the ``classifier`` input's feature-map size."""
+    with ``source=pseudo_masks``), at ``size`` or the ``classifier`` input's feature-map size. ``image_masks``:
+    X_m from the model's label map (``segmentation``, the paper) or from the ground truth (``ground_truth``:
+    an oracle diagnostic, does CONTA help once X_m carries each image's true layout?)."""
 
     def __init__(self, context: DictConfig, source: str, size: Sequence[int] | None, soft: bool, batch_size: int,
-                 inputs: Mapping[str, str] | None = None) -> None:
+                 inputs: Mapping[str, str] | None = None, image_masks: str = "segmentation") -> None:
         super().__init__(inputs)  # the options are checked by the conta schema (src/pipeline/schema.py)
         self.context = container(context)
         self.source, self.size, self.soft, self.batch_size = source, size, soft, batch_size
+        self.image_masks = image_masks
+        if image_masks == "ground_truth" and source == "pseudo_masks":
+            raise ParameterError("conta.confounder_set.image_masks=ground_truth reads the ground truth of the "
+                                 "images; with source=pseudo_masks use source=segmentation")
 
     def provides(self) -> dict[str, Any]:
         return {"context": self.context}
@@ -166,13 +189,14 @@ class ConfounderSetStage(Stage):
 
         callback = ConfounderSetCallback(n, size)
         data = ctx.data
-        target = ctx.input("pseudo_masks").file(MASKS) if self.source == "pseudo_masks" else None
+        truth = self.image_masks == "ground_truth"
+        target = ctx.input("pseudo_masks").file(MASKS) if self.source == "pseudo_masks" else ("gt" if truth else None)
         train = WSSSDataset(data.layout, data.train_split, ctx.eval_transform(), target=target)
-        module = ConfounderPrediction(seg, n, size, self.soft, soft_image_mask, target is not None)
+        module = ConfounderPrediction(seg, n, size, self.soft, soft_image_mask, self.source == "pseudo_masks", truth)
         run_predict(ctx, module, train, write, self.batch_size, callbacks=[callback])
         if data.val_split != data.train_split:
-            val = WSSSDataset(data.layout, data.val_split, ctx.eval_transform())
-            run_predict(ctx, ConfounderPrediction(seg, n, size, self.soft, soft_image_mask, False), val,
+            val = WSSSDataset(data.layout, data.val_split, ctx.eval_transform(), target="gt" if truth else None)
+            run_predict(ctx, ConfounderPrediction(seg, n, size, self.soft, soft_image_mask, False, truth), val,
                         write, self.batch_size)
         confounders = callback.confounders
         assert confounders is not None and callback.counts is not None

@@ -64,6 +64,8 @@ def test_missing_conta_means_off(composed):
                                     r"\[none, classifier, segmentation_backbone\]"),
     ("conta.context.image_mask=boxes", r"conta\.context\.image_mask: Invalid value 'boxes'"),
     ("conta.confounder_set.source=labels", r"conta\.confounder_set\.source: Invalid value 'labels'"),
+    ("conta.confounder_set.image_masks=boxes", r"conta\.confounder_set\.image_masks: Invalid value 'boxes', "
+                                               r"expected one of \[segmentation, ground_truth\]"),
     ("progress=fancy", r"progress: Invalid value 'fancy', expected one of \[rich, tqdm, none\]"),
     ("baseline.refinement.ir_labels.conf_bg=-0.5", r"baseline\.refinement\.ir_labels\.conf_bg must be >= 0.0"),
     ("baseline.refinement.ir_labels.conf_fg=bright", r"baseline\.refinement\.ir_labels\.conf_fg must be a number"),

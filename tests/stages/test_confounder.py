@@ -81,3 +81,43 @@ def test_round_one_resumes_from_the_saved_confounder_set(make_cfg, tmp_path: Pat
     side = cfg.profile.cam.crop // stride
     assert saved["confounders"].shape == (6, side, side)  # n classes x (crop / the classifier's output stride)^2
     assert second.summary(1) == first.summary(1)  # the same C gives the same round 1
+
+
+class FixedSegmentation(torch.nn.Module):
+    """A 'segmentation model' that predicts class 1 everywhere (K = 2 + background)."""
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        p = torch.zeros(images.shape[0], 3, *images.shape[2:])
+        p[:, 1] = 1.0
+        return p
+
+
+def confounder_payload(from_truth: bool) -> dict:
+    from src.stages.confounder_set import ConfounderPrediction
+
+    mask = torch.zeros(4, 4, dtype=torch.long)
+    mask[:2, 2:] = 2  # class 2 in the top-right quarter, one pixel ignored
+    mask[3, 3] = 255
+    sample = {"id": "a", "image": torch.zeros(3, 4, 4), "mask": mask, "label": torch.tensor([0.0, 1.0])}
+    module = ConfounderPrediction(FixedSegmentation(), 2, (2, 2), soft=False, soft_image_mask=True,
+                                  use_targets=False, image_masks_from_targets=from_truth)
+    ((image_id, payload),) = module.predict_step([sample], 0)
+    return payload
+
+
+def test_image_masks_from_the_ground_truth_replace_x_m_but_not_c() -> None:
+    model, truth = confounder_payload(False), confounder_payload(True)
+    every_cell_class_1 = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.ones(2, 2), torch.zeros(2, 2)
+    for payload in (model, truth):  # C is the model's in both
+        torch.testing.assert_close(payload["class_masks"], torch.stack(every_cell_class_1))
+    assert model["label_map"].tolist() == [[1, 1], [1, 1]]
+    assert truth["label_map"].tolist() == [[0, 2], [0, 0]]  # the ignored pixel counts for no class
+    assert truth["probs"][:, 1, 1].tolist() == [0.75, 0.0, 0.0]
+
+
+def test_ground_truth_image_masks_refuse_pseudo_mask_source() -> None:
+    from src.stages.confounder_set import ConfounderSetStage
+    from src.stages.core import ParameterError
+
+    with pytest.raises(ParameterError, match="image_masks=ground_truth .* use source=segmentation"):
+        ConfounderSetStage({"soft_image_mask": False}, "pseudo_masks", None, False, 1, image_masks="ground_truth")

@@ -249,6 +249,10 @@ def test_esol_nets_build_from_their_config_and_share_the_expansion_keys(make_cfg
     assert set(expansion.state_dict()) < set(shrinkage.state_dict())
     shrinkage.load_expansion(copy.deepcopy(expansion.state_dict()), "test")
     assert expansion.clip.mode == "relative" and expansion.clip.kappa == 0.5
+    # the quick profile bounds both samplers (the miniature's 6 x 6 maps); the paper profile keeps the spec's
+    assert expansion.expansion.offset_bound == 0.25 and shrinkage.shrinkage.offset_bound == 0.25
+    paper = finalize(make_cfg("+baseline=esol", "profile=paper")).baseline.stages.expansion.stage.net
+    assert paper.offset_bound is None
 
 
 @pytest.mark.parametrize("override, message", [
