@@ -23,6 +23,12 @@ from src.utils.labels import voc_palette
 
 cv2.setNumThreads(1)
 
+# mkstemp creates 0600 files; artifacts get the mode a plain open() would give (0666 minus the umask), so
+# a cache shared by a group on a cluster stays readable. The umask is read once, at import.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 class ArtifactWriteError(OSError):
     """Writing an artifact failed (disk full, permissions); the target was left untouched."""
@@ -36,6 +42,7 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as err:

@@ -125,3 +125,20 @@ def test_npz_round_trip_and_corrupt_file(tmp_path):
     with pytest.raises(ValueError, match=r"corrupt or truncated array file .*b\.npz"):
         load_npz(tmp_path / "b.npz")
     assert leftovers(tmp_path) == []
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path, monkeypatch):
+    """A cache shared by a group must stay readable: the file mode is what open() would give (0666 minus
+    the umask read at import), not mkstemp's 0600."""
+    import os
+    import stat
+
+    import src.utils.io as io_module
+
+    old = os.umask(0o022)
+    os.umask(old)
+    assert io_module.FILE_MODE == 0o666 & ~old
+    monkeypatch.setattr(io_module, "FILE_MODE", 0o644)  # as under the common umask 022
+    target = tmp_path / "manifest.json"
+    io_module.write_json_atomic(target, {"a": 1})
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
