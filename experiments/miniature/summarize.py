@@ -73,9 +73,10 @@ def stage_values(entry: dict) -> dict[str, dict[str, float]]:
     for title, iou in columns(entry["stages"]):
         out[title] = {k: v for k, v in iou.items() if v is not None}
     summary = entry["summary"]
-    for title, key in (("seeds", "seeds/train/seed_best_miou"), ("masks", "pseudo_masks/train/mask_miou"),
-                       ("seg val", "segmentation/val/miou"),
-                       ("seg val_deconfounded", "segmentation/val_deconfounded/miou")):
+    keys = {"masks": "pseudo_masks/train/mask_miou", "seg val": "segmentation/val/miou",
+            "seg val_deconfounded": "segmentation/val_deconfounded/miou"}
+    keys.update({t: f"{t}/train/seed_best_miou" for t in out if t.endswith("seeds")})  # seeds, expansion_seeds
+    for title, key in keys.items():
         if key in summary and title in out:
             out[title]["mIoU"] = summary[key]
     return out
