@@ -256,8 +256,7 @@ def msc_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,
     ``at``: ``logits`` (DeepLab's reference): the labels shrunk to each output's size with nearest-neighbour;
     ``input``: each output upsampled (bilinear) to the labels' size, so objects smaller than the output
     stride still shape the loss (the quick profile's 96 px images give 12 x 12 logits at stride 8)."""
-    if at not in LOSS_RESOLUTIONS:
-        raise ValueError(f"the segmentation loss is taken at one of {' | '.join(LOSS_RESOLUTIONS)}, got {at!r}")
+    check_choice("loss_at", at, LOSS_RESOLUTIONS)
     total = outputs[0].new_zeros(())
     for out in outputs:
         if at == "logits":

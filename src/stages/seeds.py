@@ -89,8 +89,7 @@ class SeedStage(PerImagePredictStage):
         check_choice("normalise", normalise, NORMALISATIONS)
         check_choice("pyramid", pyramid, PYRAMIDS)
         check_choice("upsample", upsample, UPSAMPLES)
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 | float32, got {dtype!r}")
+        check_choice("dtype", dtype, ("float16", "float32"))
         check_number("eval_threshold", eval_threshold, 0.0, 1.0)
         check_number("cam_stride", cam_stride, 1, integer=True)
         self.scales, self.flip, self.cam_stride, self.normalise = list(scales), flip, cam_stride, normalise
