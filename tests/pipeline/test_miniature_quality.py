@@ -4,8 +4,8 @@ class present, the reported scores equal to the files (tests/pipeline/checks.py)
 The run is `make demo`'s round 0 (IRNet; the same config as `python -m src.run +baseline=irnet`) and the
 SEAM baseline, seed 0, on 2 threads (set here: the thread count changes float summation order and, on
 these small nets, the numbers by a few points; an 80-image set swung by 10). Measured on the 2-core CPU of
-experiments/BENCHMARKS.md: IRNet seeds 69.1 -> masks 81.2 -> seg val 76.5 (the README's demo table);
-SEAM seeds 88.7 -> masks 89.8 -> seg val 89.3 (experiments/miniature/RESULTS.md). The margins leave room
+experiments/BENCHMARKS.md: IRNet seeds 69.1 -> masks 86.8 -> seg val 82.8 (the README's demo table);
+SEAM seeds 88.7 -> masks 91.8 -> seg val 90.0 (experiments/miniature/RESULTS.md). The margins leave room
 for another CPU's rounding, not for a stage that degrades.
 """
 
@@ -54,16 +54,16 @@ def test_irnet_each_stage_beats_or_keeps_its_input(irnet):
     s = irnet.summary(0)
     seeds, masks, seg = s["seeds/train/seed_best_miou"], s["pseudo_masks/train/mask_miou"], s["segmentation/val/miou"]
     assert seeds >= 0.65  # measured 69.1 (3 seeds: 73.3 +- 3.9)
-    assert masks >= seeds + 0.05  # the refinement gains (measured +12.1; on VOC IRNet's gains 18)
-    assert seg >= masks - 0.10  # segmentation close to its masks (measured -4.7)
+    assert masks >= seeds + 0.10  # the refinement gains (measured +17.7; on VOC IRNet's gains 18)
+    assert seg >= masks - 0.08  # segmentation close to its masks (measured -4.0)
     assert not irnet.warnings()
 
 
 def test_irnet_no_class_vanishes(irnet):
     for stage, path in (("seeds", ("best", "iou")), ("pseudo_masks", ("iou",)), ("segmentation", ("val", "iou"))):
         iou = per_class(irnet, 0, stage, *path)
-        low = {c: iou[c] for c in FOREGROUND if iou[c] is None or iou[c] < 0.10}
-        assert not low, f"{stage}: classes below 10 IoU: {low}"
+        low = {c: iou[c] for c in FOREGROUND if iou[c] is None or iou[c] < 0.20}
+        assert not low, f"{stage}: classes below 20 IoU: {low}"
 
 
 def test_irnet_scores_equal_the_files(irnet):
@@ -84,9 +84,9 @@ def test_seam_each_stage_keeps_its_input(seam):
     s = seam.summary(0)
     seeds, masks, seg = s["seeds/train/seed_best_miou"], s["pseudo_masks/train/mask_miou"], s["segmentation/val/miou"]
     assert seeds >= 0.80  # measured 88.7 (3 seeds: 89.5 +- 4.1)
-    assert masks >= seeds - 0.05  # measured +1.1: AffinityNet gains little on these seeds (RESULTS.md)
-    assert seg >= masks - 0.06  # measured -0.5
+    assert masks >= seeds  # measured +3.1 (3 seeds: +1.8): AffinityNet gains a little on these fine seeds
+    assert seg >= masks - 0.06  # measured -1.8
     for stage, path in (("seeds", ("best", "iou")), ("pseudo_masks", ("iou",)), ("segmentation", ("val", "iou"))):
         iou = per_class(seam, 0, stage, *path)
-        assert min(iou[c] for c in FOREGROUND) >= 0.10, (stage, iou)
+        assert min(iou[c] for c in FOREGROUND) >= 0.20, (stage, iou)
     assert_scores_match_files(seam)

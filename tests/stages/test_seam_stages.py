@@ -310,6 +310,9 @@ def test_baseline_configs_compose(make_cfg, baseline: str) -> None:
         assert cfg.baseline.refinement.ir_labels.conf_fg == t.conf_fg
         assert cfg.baseline.refinement.ir_labels.conf_bg == t.conf_bg
         assert cfg.baseline.refinement.pseudo_masks.bg_threshold == t.bg_threshold
+        # seam_irnet's walk steps are its own (SEAM's seeds sit at IRN's grid), not IRNet's
+        assert cfg.baseline.refinement.pseudo_masks.exp_times == cfg.profile.seam.irn_walk_exp_times == 0
+        assert cfg.profile.irn.walk_exp_times == 2
 
 
 def test_resnet38d_dropouts_option() -> None:
