@@ -117,7 +117,7 @@ class ConfounderPrediction(pl.LightningModule):
                     image_probs = image_hard = self.target_masks(sample)
                 payload = {
                     "class_masks": class_masks.cpu(),
-                    "labels": sample["label"],
+                    "labels": sample["label"].cpu(),
                     "label_map": image_hard.argmax(0).to(torch.uint8).cpu().numpy(),
                 }
                 if self.soft_image_mask:

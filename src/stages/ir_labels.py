@@ -33,7 +33,7 @@ class SeedLabelModule(pl.LightningModule):
         out = []
         for sample in batch:
             seeds = load_seeds(self.cam_dir, sample["id"])
-            out.append((sample["id"], self.label(seeds["high_res"], seeds["keys"], sample["raw"].numpy())))
+            out.append((sample["id"], self.label(seeds["high_res"], seeds["keys"], sample["raw"].cpu().numpy())))
         return out
 
 

@@ -53,7 +53,7 @@ class SegmentationModule(PolySGDModule):
             for sample, p in zip(group, probs):
                 p = p.float().cpu().numpy()
                 if crf:
-                    p = crf_refine_probs(sample["raw"].numpy(), p, crf)
+                    p = crf_refine_probs(sample["raw"].cpu().numpy(), p, crf)
                 out.append((sample["id"], p.argmax(0).astype(np.uint8)))
         return out
 
