@@ -2,10 +2,12 @@
 
 Why: the reference builds a dense (HW x HW) transition matrix and squares it 8 times: at VOC's stride-4
 size (~128 x 128) that is a 1 GiB matrix and ~70 TFLOP per image. Ours,
-``src.ops.random_walk.propagate_cams``, applies the same transition 256 times as a sparse CSR
-matrix over a batch of B maps. Reference mode: ``propagate_cams(..., dense=True)`` one image at a time,
-the reference's dense squaring. ``--size`` is the side of the stride-4 map (128 ~ a 512 px image; on a
-CPU use ~48, where the dense matrix, 2304^2, still fits). With ``--compare`` both run on the same
+``src.ops.random_walk.propagate_cams``, applies the same transition 2^exp_times times as a sparse CSR
+matrix over a batch of B maps (``--exp-times``, default the composed profile's: the quick 2^2 is far from
+IRNet's 2^8, so ``run_all`` passes 8, the reference's 256 steps). Reference mode:
+``propagate_cams(..., dense=True)`` one image at a time, the reference's dense squaring. ``--size`` is the
+side of the stride-4 map (128 ~ a 512 px image; on a CPU use ~48, where the dense matrix, 2304^2, still
+fits). With ``--compare`` both run on the same
 inputs and the max abs difference of their outputs is printed (both in fp32: the walk always runs in
 fp32, also under autocast). Inputs: synthetic-set label maps at the map size: CAMs = blurred object
 masks (``--classes`` channels), boundaries = blurred label edges.
@@ -32,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                             "side of the stride-4 map (default: 128 on cuda, 48 on cpu)",
                             "maps per batch (default: the pseudo-mask stage's batch_size on cuda, 2 on cpu)")
     p.add_argument("--classes", type=int, default=3, help="CAM channels per image (default 3)")
+    p.add_argument("--exp-times", type=int, default=None,
+                   help="2^N walk steps (default: the composed profile's pseudo_masks.exp_times)")
     p.add_argument("--save-output", default=None, help="save the walked CAMs of the first batch (torch.save)")
     return p
 
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = cfg.baseline.refinement.pseudo_masks
     cuda = str(args.device).startswith("cuda")
     s = common.settings_from(NAME, args, int(spec.batch_size) if cuda else 2, 128 if cuda else 48)
-    radius, beta, exp_times = int(spec.radius), float(spec.beta), int(spec.exp_times)
+    radius, beta = int(spec.radius), float(spec.beta)
+    exp_times = int(spec.exp_times if args.exp_times is None else args.exp_times)
     cams_host, edge_host = make_inputs(s.batch, s.size, int(args.classes), s.seed)
     outputs: list[torch.Tensor] = []
     with common.PeakMemory(s.device) as mem:

@@ -67,6 +67,15 @@ def test_random_walk_sparse_equals_dense_on_benchmark_inputs(tmp_path) -> None:
     assert diff["max_abs_diff"] < 1e-4, diff
 
 
+def test_random_walk_steps_follow_exp_times_and_run_all_pins_irnets() -> None:
+    # the quick profile's 2^2 steps are not the reference's 2^8: run_all's figures must not drift with it
+    assert run_bench("random_walk")["steps"] == 2 ** 2
+    assert run_bench("random_walk", "--exp-times", "3")["steps"] == 8
+    for device in ("cpu", "cuda"):
+        argv = run_all.plan(device, ["random_walk"], None, None, False, 1)["random_walk"]
+        assert argv[argv.index("--exp-times") + 1] == "8"
+
+
 def test_affinity_walk_sparse_equals_dense_on_benchmark_inputs(tmp_path) -> None:
     from experiments.bench import affinity_walk
 
