@@ -5,8 +5,11 @@ The run is `make demo`'s round 0 (IRNet; the same config as `python -m src.run +
 SEAM baseline, seed 0, on 2 threads (set here: the thread count changes float summation order and, on
 these small nets, the numbers by a few points; an 80-image set swung by 10). Measured on the 2-core CPU of
 experiments/BENCHMARKS.md: IRNet seeds 69.1 -> masks 86.8 -> seg val 82.8 (the README's demo table);
-SEAM seeds 88.7 -> masks 91.8 -> seg val 90.0 (experiments/miniature/RESULTS.md). The margins leave room
-for another CPU's rounding, not for a stage that degrades.
+SEAM seeds 88.7 -> masks 91.8 -> seg val 90.0 (4 AffinityNet epochs; experiments/miniature/RESULTS.md). On
+another 2-core CPU (AMD EPYC, 2026-12-07) with the 12 AffinityNet epochs of today's profile: SEAM seeds
+89.6 -> masks 94.4 -> seg val 84.5, the horse's segmentation IoU at 62.5 from masks at 92.7 (the quick
+DeepLab's outcome swings most between CPUs). The margins leave room for another CPU's rounding, not for a
+stage that degrades.
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ def test_the_walked_scores_sweep_brackets_the_configured_threshold(irnet):
 def test_seam_each_stage_keeps_its_input(seam):
     s = seam.summary(0)
     seeds, masks, seg = s["seeds/train/seed_best_miou"], s["pseudo_masks/train/mask_miou"], s["segmentation/val/miou"]
-    assert seeds >= 0.80  # measured 88.7 (3 seeds: 89.5 +- 4.1)
-    assert masks >= seeds  # measured +3.1 (3 seeds: +1.8): AffinityNet gains a little on these fine seeds
-    assert seg >= masks - 0.06  # measured -1.8
+    assert seeds >= 0.80  # measured 88.7 / 89.6 on two CPUs (3 seeds: 89.5 +- 4.1 / 90.5 +- 2.9)
+    assert masks >= seeds + 0.03  # measured +4.8 (3 seeds: +4.1), the 12-epoch AffinityNet
+    assert seg >= masks - 0.12  # measured -9.9 on one CPU, -1.8 on another (3 seeds: -5.8 / -1.4)
     for stage, path in (("seeds", ("best", "iou")), ("pseudo_masks", ("iou",)), ("segmentation", ("val", "iou"))):
         iou = per_class(seam, 0, stage, *path)
         assert min(iou[c] for c in FOREGROUND) >= 0.20, (stage, iou)
