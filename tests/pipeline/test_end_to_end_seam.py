@@ -27,6 +27,7 @@ TINY_SEAM = [
     "profile.affinity.batch_size=8",
     "profile.affinity.crop=48",
     "profile.affinity.radius=3",
+    "profile.seam.irn_epochs=1",  # seam_irnet's IRN (its own epochs, not profile.irn's)
 ]
 N_TRAIN = 16  # conftest.TINY
 

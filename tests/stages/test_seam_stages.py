@@ -313,6 +313,8 @@ def test_baseline_configs_compose(make_cfg, baseline: str) -> None:
         # seam_irnet's walk steps are its own (SEAM's seeds sit at IRN's grid), not IRNet's
         assert cfg.baseline.refinement.pseudo_masks.exp_times == cfg.profile.seam.irn_walk_exp_times == 0
         assert cfg.profile.irn.walk_exp_times == 2
+        # and so are its IRN's epochs (on SEAM's seeds 12 left the masks below AffinityNet's)
+        assert cfg.baseline.refinement.irn.epochs == cfg.profile.seam.irn_epochs == 48
 
 
 def test_resnet38d_dropouts_option() -> None:
